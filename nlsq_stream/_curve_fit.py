@@ -1,0 +1,334 @@
+"""``curve_fit``: scipy's model-fitting interface, built on ``least_squares``'s machinery."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+from jax import Array
+
+from . import _engine, _validate
+from ._least_squares import _strictly_feasible, output_shape
+from ._losses import LOSSES
+from ._pipeline import run_with_pipeline
+from ._result import OptimizeResult, OptimizeWarning
+
+_LS_KWARGS = ("ftol", "xtol", "gtol", "x_scale", "loss", "f_scale", "max_nfev", "verbose", "sinks")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveFitProblem:
+    """Residuals ``transform (f(xdata, *p) - ydata)``; ``data`` is ``(xdata, ydata, transform)``.
+
+    ``sigma_kind`` is ``"none"``, ``"1d"`` (transform = 1 / sigma) or ``"2d"`` (transform is the
+    lower Cholesky factor L of the covariance; residuals are ``L^-1 r``).
+    """
+
+    model: Callable[..., Any]
+    jac: Callable[..., Any] | None
+    sigma_kind: str
+
+    def _weigh(self, r: Array, transform: Array) -> Array:
+        if self.sigma_kind == "1d":
+            return r * (transform if r.ndim == 1 else transform[:, None])
+        if self.sigma_kind == "2d":
+            return jsl.solve_triangular(transform, r, lower=True)
+        return r
+
+    def residual(self, x: Array, data: Any) -> Array:
+        xdata, ydata, transform = data
+        pred = self.model(xdata, *[x[i] for i in range(x.shape[0])])
+        return self._weigh(jnp.asarray(pred, x.dtype).reshape(ydata.shape) - ydata, transform)
+
+    def residual_and_jt(self, x: Array, data: Any) -> tuple[Array, Array]:
+        if self.jac is None:
+            return _engine.forward_residual_and_jt(lambda p: self.residual(p, data), x)
+        xdata, ydata, transform = data
+        j = jnp.asarray(self.jac(xdata, *[x[i] for i in range(x.shape[0])]), x.dtype)
+        j = self._weigh(j.reshape(ydata.shape[0], x.shape[0]), transform)
+        return self.residual(x, data), j.T
+
+
+def parameter_names(f: Callable[..., Any]) -> list[str] | None:
+    """Names of the fit parameters: the model's positional parameters after the first."""
+    try:
+        return _NAMES_CACHE[f]
+    except (KeyError, TypeError):
+        pass
+    names = _parameter_names(f)
+    try:
+        if len(_NAMES_CACHE) > 256:
+            _NAMES_CACHE.clear()
+        _NAMES_CACHE[f] = names
+    except TypeError:
+        pass
+    return names
+
+
+_NAMES_CACHE: dict[Any, list[str] | None] = {}
+
+
+def _parameter_names(f: Callable[..., Any]) -> list[str] | None:
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(pos) < 2:
+        return None
+    return [p.name for p in pos[1:]]
+
+
+def _initialize_feasible(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
+    p0 = np.ones_like(lb)
+    both = np.isfinite(lb) & np.isfinite(ub)
+    p0[both] = 0.5 * (lb[both] + ub[both])
+    lo = np.isfinite(lb) & ~np.isfinite(ub)
+    p0[lo] = lb[lo] + 1
+    hi = ~np.isfinite(lb) & np.isfinite(ub)
+    p0[hi] = ub[hi] - 1
+    return p0
+
+
+def _as_data_array(name: str, value: Any, dtype: np.dtype[Any], check_finite: bool) -> Any:
+    if isinstance(value, jax.Array):
+        arr = value
+        host = None
+    else:
+        try:
+            host = np.asarray(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"`{name}` must be an array of numbers, got {value!r:.60}") from e
+        if not (np.issubdtype(host.dtype, np.number) or host.dtype == np.bool_) or np.iscomplexobj(host):
+            raise TypeError(f"`{name}` must hold real numbers, got dtype {host.dtype}")
+        arr = host.astype(dtype, copy=False)
+    if check_finite:
+        ok = bool(np.all(np.isfinite(host))) if host is not None else bool(jnp.all(jnp.isfinite(arr)))
+        if not ok:
+            raise ValueError(f"`{name}` must not contain NaN or inf (pass check_finite=False to skip)")
+    return arr
+
+
+def _check_xdata(xdata: Any, m: int, dtype: np.dtype[Any], check_finite: bool) -> Any:
+    if isinstance(xdata, (tuple, list)):
+        parts = tuple(
+            _as_data_array(f"xdata[{i}]", x, dtype, check_finite) for i, x in enumerate(xdata)
+        )
+        if not parts:
+            raise ValueError("`xdata` must not be empty")
+        for i, part in enumerate(parts):
+            _check_points(f"xdata[{i}]", part, m)
+        return parts
+    arr = _as_data_array("xdata", xdata, dtype, check_finite)
+    _check_points("xdata", arr, m)
+    return arr
+
+
+def _check_points(name: str, arr: Any, m: int) -> None:
+    shape = np.shape(arr)
+    if len(shape) == 0:
+        return  # a scalar predictor broadcasts
+    if shape[0] == 0 or 0 in shape:
+        raise ValueError(f"`{name}` must not be empty")
+    if shape[0] != m and shape[-1] != m:
+        raise ValueError(
+            f"`{name}` and `ydata` have different lengths: {name} has shape {shape}, ydata has "
+            f"{m} points"
+        )
+
+
+def _prepare_sigma(sigma: Any, m: int, dtype: np.dtype[Any]) -> tuple[str, np.ndarray]:
+    if sigma is None:
+        return "none", np.zeros((), dtype)
+    try:
+        s = np.asarray(sigma, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`sigma` must be an array of numbers, got {sigma!r:.60}") from e
+    if s.size == 1 or s.shape == (m,):
+        s = np.broadcast_to(s.reshape(-1), (m,)) if s.size == 1 else s
+        if not np.all(np.isfinite(s)) or np.any(s <= 0):
+            raise ValueError("`sigma` must be positive and finite (1-D sigma holds standard deviations)")
+        return "1d", (1.0 / s).astype(dtype)
+    if s.shape == (m, m):
+        if not np.all(np.isfinite(s)):
+            raise ValueError("`sigma` (a covariance matrix) must be finite")
+        try:
+            chol = np.linalg.cholesky(s)
+        except np.linalg.LinAlgError as e:
+            raise ValueError("`sigma` (a 2-D covariance matrix) must be positive definite") from e
+        return "2d", chol.astype(dtype)
+    raise ValueError(
+        f"`sigma` must have shape ({m},) (standard deviations) or ({m}, {m}) (a covariance), "
+        f"got shape {s.shape}"
+    )
+
+
+def covariance(
+    res: OptimizeResult, m: int, n: int, absolute_sigma: bool
+) -> tuple[np.ndarray, bool]:
+    """pcov from the Jacobian's factor via SVD and pseudo-inverse, scaled as scipy scales it."""
+    pcov = np.array(res.cov_unscaled)
+    warn = False
+    if np.isnan(pcov).any():
+        pcov = np.full((n, n), np.inf)
+        warn = True
+    elif not absolute_sigma:
+        if m > n:
+            pcov = pcov * (2.0 * res.cost / (m - n))
+        else:
+            pcov = np.full((n, n), np.inf)
+            warn = True
+    return pcov, warn
+
+
+def curve_fit(
+    f: Callable[..., Any],
+    xdata: Any,
+    ydata: Any,
+    p0: Sequence[float] | np.ndarray | None = None,
+    sigma: Any = None,
+    absolute_sigma: bool = False,
+    check_finite: bool = True,
+    bounds: Any = (-np.inf, np.inf),
+    method: str | None = None,
+    jac: Callable[..., Any] | str | None = None,
+    full_output: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Fit ``f(xdata, *params)`` to ``ydata``, like ``scipy.optimize.curve_fit``.
+
+    The model is written with ``jax.numpy``; its Jacobian comes from autodiff. Data and ``p0``
+    are traced, so repeated fits with the same model, shapes and options reuse one compiled solver.
+    Extra keyword arguments go to :func:`least_squares` (``ftol``, ``xtol``, ``gtol``,
+    ``x_scale``, ``loss``, ``f_scale``, ``max_nfev`` or ``maxfev``, ``verbose``, ``sinks``).
+
+    :returns: ``(popt, pcov)``, or ``(popt, pcov, infodict, mesg, ier)`` with ``full_output``.
+    :raises RuntimeError: if the fit did not converge (as scipy does).
+    :raises ValueError, TypeError: for bad arguments, before anything is compiled.
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> x = np.linspace(0, 4, 50)
+    >>> popt, pcov = curve_fit(lambda x, a, b: a * jnp.exp(-b * x), x, 3.0 * np.exp(-0.5 * x))
+    >>> np.round(popt, 6).tolist()
+    [3.0, 0.5]
+    """
+    _validate.check_callable("f", f)
+    jac = _validate.check_jac(jac)
+    if "args" in kwargs:
+        raise ValueError("`args` is not a supported keyword argument of curve_fit")
+    if "maxfev" in kwargs:
+        if kwargs.get("max_nfev") is not None:
+            raise TypeError("pass only one of `maxfev` and `max_nfev`")
+        kwargs["max_nfev"] = kwargs.pop("maxfev")
+    unknown = sorted(set(kwargs) - set(_LS_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"curve_fit() got unexpected keyword argument(s) {unknown}; accepted: {list(_LS_KWARGS)}"
+        )
+    names = parameter_names(f)
+    if p0 is None:
+        if names is None:
+            raise ValueError(
+                "`p0` is needed: the number of parameters cannot be read from the model's "
+                "signature (it needs f(x, a, b, ...) with named parameters)"
+            )
+        n = len(names)
+    else:
+        n = np.atleast_1d(np.asarray(p0)).size
+    try:
+        y_host = ydata if isinstance(ydata, jax.Array) else np.asarray(ydata)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`ydata` must be an array of numbers, got {ydata!r:.60}") from e
+    dtype = _validate.float_dtype(np.empty(0, y_host.dtype), *(() if p0 is None else (p0,)))
+    y = _as_data_array("ydata", y_host, dtype, check_finite)
+    if np.ndim(y) != 1:
+        raise ValueError(f"`ydata` must be 1-D, got shape {np.shape(y)}")
+    m = int(np.shape(y)[0])
+    if m == 0:
+        raise ValueError("`ydata` must not be empty")
+    x = _check_xdata(xdata, m, dtype, check_finite)
+    lb, ub = _validate.prepare_bounds(bounds, n, dtype)
+    has_bounds = bool(np.any(np.isfinite(lb)) or np.any(np.isfinite(ub)))
+    if p0 is None:
+        p0a = _initialize_feasible(lb, ub).astype(dtype)
+    else:
+        p0a = _validate.check_x0("p0", p0, dtype)
+    if method is None:
+        method = "trf" if has_bounds else "lm"
+    method = _validate.check_method(method)
+    if method == "lm" and has_bounds:
+        raise ValueError(
+            "`method`='lm' only works for unconstrained problems; use method='trf' with `bounds`"
+        )
+    if method == "lm" and m < n:
+        raise ValueError(
+            f"`method`='lm' needs at least as many data points as parameters: ydata has {m} "
+            f"points for {n} parameters"
+        )
+    _validate.check_in_bounds("p0", p0a, lb, ub)
+    sigma_kind, transform = _prepare_sigma(sigma, m, dtype)
+    loss = _validate.check_loss(kwargs.get("loss", "linear"), LOSSES)
+    if method == "lm" and loss != "linear":
+        raise ValueError(f"`loss`={loss!r} is not supported by `method`='lm'; use method='trf'")
+    x_scale = kwargs.get("x_scale", "jac" if method == "lm" else 1.0)
+    xs = _validate.check_x_scale(x_scale, n, dtype)
+    tols = _validate.check_tolerances(
+        kwargs.get("ftol", 1e-8), kwargs.get("xtol", 1e-8), kwargs.get("gtol", 1e-8), dtype
+    )
+    f_scale = _validate.check_positive_scalar("f_scale", kwargs.get("f_scale", 1.0))
+    max_nfev = _validate.check_max_nfev(
+        kwargs.get("max_nfev"), 100 * (n + 1) if method == "lm" else 100 * n
+    )
+    verbose = _validate.check_verbose(kwargs.get("verbose", 0))
+    problem = CurveFitProblem(f, jac, sigma_kind)
+    data = (x, y, transform)
+
+    def model_out(p: Array, d: Any) -> Any:
+        return f(d[0], *[p[i] for i in range(n)])
+
+    shape = output_shape(problem, p0a, data, model_out)
+    if shape != (m,):
+        raise ValueError(
+            f"`f` must return one value per data point, shape ({m},), but f(xdata, *p0) has "
+            f"shape {shape}"
+        )
+    if has_bounds:
+        p0a = _strictly_feasible(p0a, lb, ub)
+    res = run_with_pipeline(
+        problem=problem,
+        config_kw=dict(method=method, loss=loss, has_bounds=has_bounds, jac_scale=isinstance(xs, str)),
+        x0=p0a,
+        lb=lb,
+        ub=ub,
+        data=data,
+        x_scale=np.ones(n, dtype) if isinstance(xs, str) else xs,
+        tols=tols,
+        f_scale=f_scale,
+        max_nfev=max_nfev,
+        verbose=verbose,
+        sinks=kwargs.get("sinks"),
+        n_residuals=m,
+        param_names=names if names is not None and len(names) == n else None,
+    )
+    if not res.success:
+        raise RuntimeError("Optimal parameters not found: " + res.message)
+    pcov, warn = covariance(res, m, n, absolute_sigma)
+    if warn:
+        warnings.warn(
+            "Covariance of the parameters could not be estimated", OptimizeWarning, stacklevel=2
+        )
+    popt = np.asarray(res.x)
+    if full_output:
+        infodict = {"nfev": res.nfev, "njev": res.njev, "nit": res.nit, "fvec": np.asarray(res.fun)}
+        return popt, pcov, infodict, res.message, res.status
+    return popt, pcov

@@ -1,0 +1,439 @@
+"""The jitted solver loop: TRF (with bounds) and Levenberg-Marquardt in one ``lax.while_loop``.
+
+Stage one of the flow. Everything in a fit's iteration loop -- trust-region step, step acceptance,
+radius update, termination tests -- runs inside one compiled XLA program; the host sees the fit only
+when it ends (and, when logging is on, through batched records; see ``_emitter``).
+
+Design notes
+------------
+* One loop iteration is one *trial*: one evaluation of residuals and Jacobian together (a single
+  forward-mode pass) at a trial point, reduced at once to an (n+1) x (n+1) triangular factor by a
+  thin QR of ``[J f]``. The carried state is therefore n-dimensional; the m-dimensional residual
+  vector never lives across iterations, so nothing m x m (or even m-sized) is copied per step.
+* A trial that is accepted reuses its evaluation: no second pass over the data.
+* ``problem`` (how to compute residuals) and ``config`` (method, loss, bounds or not, ...) are
+  static; data, starting point, bounds values and tolerances are traced, so a second call with the
+  same shapes, dtypes and options compiles nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+from . import _losses
+from ._trust_region import (
+    cl_scaling,
+    make_strictly_feasible,
+    quadratic,
+    select_step,
+    solve_subproblem,
+)
+
+RUNNING = -100
+STATUS_NONFINITE_START = -3
+STATUS_STOPPED = -2
+
+
+class Problem(Protocol):
+    """How to compute residuals ``f(x)`` (shape (m,)) and the transposed Jacobian (n, m)."""
+
+    def residual(self, x: Array, data: Any) -> Array: ...
+
+    def residual_and_jt(self, x: Array, data: Any) -> tuple[Array, Array]: ...
+
+
+def forward_residual_and_jt(fun: Callable[[Array], Array], x: Array) -> tuple[Array, Array]:
+    """Residuals and transposed Jacobian from one batched forward-mode pass.
+
+    The primal does not depend on the tangent, so ``vmap`` leaves it unbatched and XLA evaluates
+    the model and its n directional derivatives in one fused sweep over the data.
+    """
+    eye = jnp.eye(x.shape[0], dtype=x.dtype)
+    f, jt = jax.vmap(lambda t: jax.jvp(fun, (x,), (t,)), out_axes=(None, 0))(eye)
+    return f, jt
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static solver options; part of the compilation key."""
+
+    method: str  # "trf" or "lm"
+    loss: str
+    has_bounds: bool
+    jac_scale: bool
+    emitter: Any = None  # a hashable _emitter.Emitter, or None: no host callback compiled at all
+
+
+class Evaluation(NamedTuple):
+    cost: Array
+    r: Array  # (n, n) upper-triangular factor of the (loss-scaled) Jacobian
+    qtf: Array  # (n,)  Q.T @ f, so that J.T @ f == r.T @ qtf
+    finite: Array
+
+
+class State(NamedTuple):
+    x: Array
+    cost: Array
+    r: Array
+    qtf: Array
+    g: Array
+    scale_inv: Array
+    delta: Array
+    alpha: Array
+    nfev: Array
+    njev: Array
+    nit: Array
+    status: Array
+    g_norm: Array
+    reduction: Array  # of the last completed iteration (scipy's "Cost reduction" column)
+    step_norm: Array
+    xnorm: Array  # LM only: ||diag * x||
+    emit: Any  # emitter state (a pytree), or None
+
+
+class Output(NamedTuple):
+    """What a fit returns. ``packed`` holds every small result in one array, so the host fetches
+    them with a single transfer: see ``unpack``."""
+
+    packed: Array
+    fun: Array
+    jac: Array
+
+
+def _pack(st: State, m: int) -> Array:
+    """x, grad, the unscaled covariance pinv(J'J) and the scalar results, in one vector."""
+    n = st.x.shape[0]
+    dtype = st.x.dtype
+    _, s, vt = jnp.linalg.svd(st.r, full_matrices=False)
+    keep = s > jnp.finfo(dtype).eps * max(m, n) * s[0]
+    inv_s2 = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0) ** 2, 0.0)
+    cov = (vt.T * inv_s2[None, :]) @ vt
+    cov = jnp.where(jnp.any(keep), cov, jnp.nan)
+    scalars = jnp.stack(
+        [st.cost, st.g_norm]
+        + [v.astype(dtype) for v in (st.nfev, st.njev, st.nit, st.status)]
+    )
+    return jnp.concatenate([st.x, st.g, cov.reshape(-1), scalars])
+
+
+def unpack(packed: np.ndarray, n: int) -> dict[str, Any]:
+    """Host-side inverse of ``_pack``."""
+    x, g = packed[:n], packed[n : 2 * n]
+    cov = packed[2 * n : 2 * n + n * n].reshape(n, n)
+    cost, g_norm, nfev, njev, nit, status = packed[2 * n + n * n :].tolist()
+    return dict(
+        x=x, grad=g, cov=cov, cost=cost, optimality=g_norm, nfev=int(nfev), njev=int(njev),
+        nit=int(nit), status=int(status),
+    )
+
+
+def _evaluate(problem: Problem, config: Config, x: Array, data: Any, f_scale: Array) -> Evaluation:
+    n = x.shape[0]
+    f, jt = problem.residual_and_jt(x, data)
+    cost = _losses.cost(config.loss, f, f_scale)
+    fs, jts = _losses.scale_residuals_and_jacobian(config.loss, f, jt, f_scale)
+    # Thin QR of [J f] (m x (n+1)): the last column of R is Q.T f, so Q is never formed.
+    rf = thin_r(jnp.concatenate([jts, fs[None, :]], axis=0))
+    r = rf[:n, :n]
+    qtf = rf[:n, n]
+    finite = jnp.isfinite(cost) & jnp.all(jnp.isfinite(rf))
+    return Evaluation(cost, r, qtf, finite)
+
+
+TSQR_BLOCK = 4096
+
+
+def thin_r(at: Array) -> Array:
+    """R of the thin QR of ``at.T`` (shape (k, k)), given ``at`` of shape (k, m).
+
+    For tall matrices this is a one-level TSQR: QR of row blocks that fit in cache, then QR of the
+    stacked block factors. It is as stable as Householder QR on the whole matrix and, measured on a
+    1e6 x 4 problem here, about twice as fast, because each block is swept while it is in cache.
+    Rows of zeros (padding) do not change R.
+    """
+    k, m = at.shape
+    if m <= 2 * TSQR_BLOCK:
+        rf = jnp.linalg.qr(at.T, mode="r")
+    else:
+        nb = -(-m // TSQR_BLOCK)
+        padded = jnp.pad(at, ((0, 0), (0, nb * TSQR_BLOCK - m)))
+        blocks = padded.reshape(k, nb, TSQR_BLOCK).transpose(1, 2, 0)
+        rs = jnp.linalg.qr(blocks, mode="r")
+        rf = jnp.linalg.qr(rs.reshape(nb * k, k), mode="r")
+    if rf.shape[0] < k:  # fewer rows than columns: pad, R.T R is unchanged
+        rf = jnp.concatenate([rf, jnp.zeros((k - rf.shape[0], k), rf.dtype)], axis=0)
+    return rf
+
+
+def _col_norms(r: Array) -> Array:
+    return jnp.sqrt(jnp.sum(r * r, axis=0))
+
+
+def _trf_gnorm(config: Config, x: Array, g: Array, lb: Array, ub: Array) -> Array:
+    if config.has_bounds:
+        v, _ = cl_scaling(x, g, lb, ub)
+        return jnp.max(jnp.abs(g * v))
+    return jnp.max(jnp.abs(g))
+
+
+def _lm_cosine(r: Array, g: Array, cost: Array) -> Array:
+    """MINPACK's gtol measure: the largest |cosine| between a Jacobian column and f."""
+    fnorm = jnp.sqrt(2.0 * cost)
+    cn = _col_norms(r)
+    ok = (cn > 0) & (fnorm > 0)
+    return jnp.max(jnp.where(ok, jnp.abs(g) / jnp.where(ok, cn * fnorm, 1.0), 0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "config"))
+def solve(
+    problem: Problem,
+    config: Config,
+    x0: Array,
+    lb: Array,
+    ub: Array,
+    data: Any,
+    x_scale: Array,
+    ftol: Array,
+    xtol: Array,
+    gtol: Array,
+    f_scale: Array,
+    max_nfev: Array,
+    emit_args: Any = None,
+) -> Output:
+    """Run a whole fit on the device. Returns final values; see ``Output``."""
+    dtype = x0.dtype
+    n = x0.shape[0]
+    f0_shape = jax.eval_shape(lambda x: problem.residual(x, data), x0).shape
+    m = f0_shape[0]
+    ev0 = _evaluate(problem, config, x0, data, f_scale)
+    g0 = ev0.r.T @ ev0.qtf
+    if config.jac_scale:
+        cn = _col_norms(ev0.r)
+        scale_inv0 = jnp.where(cn == 0, 1.0, cn)
+    else:
+        scale_inv0 = 1.0 / x_scale
+
+    if config.method == "lm":
+        xnorm0 = jnp.linalg.norm(x0 * scale_inv0)
+        delta0 = jnp.where(xnorm0 > 0, 100.0 * xnorm0, 100.0)
+        gnorm_test0 = _lm_cosine(ev0.r, g0, ev0.cost)
+        g_norm0 = jnp.max(jnp.abs(g0))
+        conv0 = gnorm_test0 <= gtol
+    else:
+        xnorm0 = jnp.zeros((), dtype)
+        if config.has_bounds:
+            v0, dv0 = cl_scaling(x0, g0, lb, ub)
+            vs = jnp.where(dv0 != 0, v0 * scale_inv0, v0)
+            delta0 = jnp.linalg.norm(x0 * scale_inv0 / jnp.sqrt(vs))
+        else:
+            delta0 = jnp.linalg.norm(x0 * scale_inv0)
+        delta0 = jnp.where(delta0 == 0, 1.0, delta0)
+        g_norm0 = _trf_gnorm(config, x0, g0, lb, ub)
+        conv0 = g_norm0 < gtol
+
+    status0 = jnp.where(
+        ~ev0.finite,
+        STATUS_NONFINITE_START,
+        jnp.where(conv0, 1, jnp.where(max_nfev <= 1, 0, RUNNING)),
+    ).astype(jnp.int32)
+    zero = jnp.zeros((), dtype)
+    one_i = jnp.ones((), jnp.int32)
+    emitter = config.emitter
+    emit0 = None
+    if emitter is not None:
+        emit0 = emitter.init(emit_args, n, dtype)
+        emit0 = emitter.record(
+            emit0, emit_args, jnp.zeros((), jnp.int32), one_i, ev0.cost, zero, zero, g_norm0, x0,
+            status0 != RUNNING, status0,
+        )
+    state = State(
+        x=x0,
+        cost=ev0.cost,
+        r=ev0.r,
+        qtf=ev0.qtf,
+        g=g0,
+        scale_inv=scale_inv0.astype(dtype) * jnp.ones((n,), dtype),
+        delta=delta0.astype(dtype),
+        alpha=zero,
+        nfev=one_i,
+        njev=one_i,
+        nit=jnp.zeros((), jnp.int32),
+        status=status0,
+        g_norm=g_norm0,
+        reduction=zero,
+        step_norm=zero,
+        xnorm=xnorm0.astype(dtype),
+        emit=emit0,
+    )
+
+    def cond(st: State) -> Array:
+        return st.status == RUNNING
+
+    def finish_iteration(
+        st: State, done: Array, accept: Array, x_new: Array, ev: Evaluation, nfev: Array,
+        delta: Array, alpha: Array, term: Array, reduction: Array, step_norm: Array, xnorm: Array,
+    ) -> State:
+        """Commit an accepted trial and, at the end of an outer iteration, test for convergence."""
+        x = jnp.where(accept, x_new, st.x)
+        cost = jnp.where(accept, ev.cost, st.cost)
+        r = jnp.where(accept, ev.r, st.r)
+        qtf = jnp.where(accept, ev.qtf, st.qtf)
+        g = r.T @ qtf
+        njev = st.njev + accept.astype(jnp.int32)
+        scale_inv = st.scale_inv
+        if config.jac_scale:
+            scale_inv = jnp.where(accept, jnp.maximum(scale_inv, _col_norms(ev.r)), scale_inv)
+        if config.method == "lm":
+            g_norm = jnp.max(jnp.abs(g))
+            converged = _lm_cosine(r, g, cost) <= gtol
+        else:
+            g_norm = _trf_gnorm(config, x, g, lb, ub)
+            converged = g_norm < gtol
+        status = jnp.where(
+            converged, 1, jnp.where(term != RUNNING, term, jnp.where(nfev >= max_nfev, 0, RUNNING))
+        )
+        status = jnp.where(done, status, RUNNING).astype(jnp.int32)
+        nit = st.nit + done.astype(jnp.int32)
+        reduction = jnp.where(done, jnp.where(accept, reduction, 0.0), st.reduction)
+        step_norm = jnp.where(done, jnp.where(accept, step_norm, 0.0), st.step_norm)
+        g_norm = jnp.where(done, g_norm, st.g_norm)
+        emit = st.emit
+        if emitter is not None:
+            emit = emitter.record(
+                emit, emit_args, nit, nfev, cost, reduction, step_norm, g_norm, x, done, status
+            )
+        return State(
+            x=x, cost=cost, r=r, qtf=qtf, g=g, scale_inv=scale_inv, delta=delta, alpha=alpha,
+            nfev=nfev, njev=njev, nit=nit, status=status, g_norm=g_norm, reduction=reduction,
+            step_norm=step_norm, xnorm=xnorm, emit=emit,
+        )
+
+    def trf_body(st: State) -> State:
+        x, g = st.x, st.g
+        scale = 1.0 / st.scale_inv
+        if config.has_bounds:
+            v, dv = cl_scaling(x, g, lb, ub)
+            v = jnp.where(dv != 0, v * st.scale_inv, v)
+            d = jnp.sqrt(v) * scale
+            diag_h = g * dv * scale
+        else:
+            d = scale
+            diag_h = jnp.zeros_like(x)
+        g_h = d * g
+        jh = st.r * d[None, :]
+        if config.has_bounds:
+            aug = jnp.concatenate([jh, jnp.diag(jnp.sqrt(diag_h))], axis=0)
+            u_rhs = jnp.concatenate([st.qtf, jnp.zeros_like(st.qtf)])
+        else:
+            aug, u_rhs = jh, st.qtf
+        u, s, vt = jnp.linalg.svd(aug, full_matrices=False)
+        p_h, alpha = solve_subproblem(u.T @ u_rhs, s, vt.T, st.delta, st.alpha, m)
+        p = d * p_h
+        if config.has_bounds:
+            theta = jnp.maximum(0.995, 1.0 - st.g_norm)
+            step, step_h, predicted = select_step(
+                x, jh, diag_h, g_h, p, p_h, d, st.delta, lb, ub, theta
+            )
+            x_new = make_strictly_feasible(x + step, lb, ub)
+        else:
+            step, step_h = p, p_h
+            predicted = -quadratic(jh, g_h, p_h)
+            x_new = x + step
+        ev = _evaluate(problem, config, x_new, data, f_scale)
+        nfev = st.nfev + 1
+        step_h_norm = jnp.linalg.norm(step_h)
+        actual = st.cost - ev.cost
+        ratio = jnp.where(
+            predicted > 0,
+            actual / jnp.where(predicted > 0, predicted, 1.0),
+            jnp.where((predicted == 0) & (actual == 0), 1.0, 0.0),
+        )
+        delta_new = jnp.where(
+            ratio < 0.25,
+            0.25 * step_h_norm,
+            jnp.where((ratio > 0.75) & (step_h_norm > 0.95 * st.delta), 2.0 * st.delta, st.delta),
+        )
+        step_norm = jnp.linalg.norm(step)
+        ftol_ok = (actual < ftol * st.cost) & (ratio > 0.25)
+        xtol_ok = step_norm < xtol * (xtol + jnp.linalg.norm(x))
+        term = jnp.where(ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING)))
+        term = jnp.where(ev.finite, term, RUNNING)
+        terminated = term != RUNNING
+        delta = jnp.where(
+            ev.finite, jnp.where(terminated, st.delta, delta_new), 0.25 * step_h_norm
+        )
+        alpha = jnp.where(
+            ev.finite & ~terminated,
+            alpha * st.delta / jnp.where(delta_new > 0, delta_new, 1.0),
+            alpha,
+        )
+        accept = ev.finite & (actual > 0)
+        done = accept | terminated | (nfev >= max_nfev)
+        return finish_iteration(
+            st, done, accept, x_new, ev, nfev, delta, alpha, term, actual, step_norm, st.xnorm
+        )
+
+    def lm_body(st: State) -> State:
+        x = st.x
+        scale = 1.0 / st.scale_inv
+        jh = st.r * scale[None, :]
+        g_h = scale * st.g
+        u, s, vt = jnp.linalg.svd(jh, full_matrices=False)
+        p_h, alpha = solve_subproblem(u.T @ st.qtf, s, vt.T, st.delta, st.alpha, m)
+        pnorm = jnp.linalg.norm(p_h)
+        delta = jnp.where(st.njev == 1, jnp.minimum(st.delta, pnorm), st.delta)
+        x_new = x + scale * p_h
+        ev = _evaluate(problem, config, x_new, data, f_scale)
+        nfev = st.nfev + 1
+        cost = st.cost
+        safe_cost = jnp.where(cost > 0, cost, 1.0)
+        # MINPACK works with relative reductions: actred = 1 - (|f_new| / |f|)^2.
+        close = ev.finite & (0.01 * ev.cost < cost)
+        actred = jnp.where(close, 1.0 - ev.cost / safe_cost, -1.0)
+        prered = -quadratic(jh, g_h, p_h) / safe_cost
+        dirder = (g_h @ p_h) / safe_cost
+        ratio = jnp.where(prered != 0, actred / jnp.where(prered != 0, prered, 1.0), 0.0)
+        small = ratio <= 0.25
+        denom = dirder + 0.5 * actred
+        temp = jnp.where(
+            actred >= 0, 0.5, 0.5 * dirder / jnp.where(denom != 0, denom, 1.0)
+        )
+        temp = jnp.where(~close | (temp < 0.1), 0.1, temp)
+        grow = (~small) & ((alpha == 0) | (ratio >= 0.75))
+        delta = jnp.where(
+            small, temp * jnp.minimum(delta, pnorm / 0.1), jnp.where(grow, pnorm / 0.5, delta)
+        )
+        alpha = jnp.where(small, alpha / temp, jnp.where(grow, 0.5 * alpha, alpha))
+        accept = ev.finite & (ratio >= 1e-4)
+        xnorm = jnp.where(accept, jnp.linalg.norm(x_new * st.scale_inv), st.xnorm)
+        eps = jnp.finfo(dtype).eps
+        ftol_ok = (jnp.abs(actred) <= ftol) & (prered <= ftol) & (0.5 * ratio <= 1.0)
+        xtol_ok = delta <= xtol * xnorm
+        term = jnp.where(ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING)))
+        # MINPACK's "tolerance too small" exits (info 6, 7): nothing more can be gained.
+        ftol_eps = (jnp.abs(actred) <= eps) & (prered <= eps) & (0.5 * ratio <= 1.0)
+        term = jnp.where(term != RUNNING, term, jnp.where(ftol_eps, 2, term))
+        term = jnp.where(term != RUNNING, term, jnp.where(delta <= eps * xnorm, 3, term))
+        done = accept | (term != RUNNING) | (nfev >= max_nfev)
+        reduction = st.cost - ev.cost
+        step_norm = jnp.linalg.norm(scale * p_h)
+        return finish_iteration(
+            st, done, accept, x_new, ev, nfev, delta, alpha, term, reduction, step_norm, xnorm
+        )
+
+    body = lm_body if config.method == "lm" else trf_body
+    st = lax.while_loop(cond, body, state)
+    if emitter is not None:
+        emitter.flush(st.emit, emit_args)
+
+    f_final, jt_final = problem.residual_and_jt(st.x, data)
+    _, jts = _losses.scale_residuals_and_jacobian(config.loss, f_final, jt_final, f_scale)
+    return Output(packed=_pack(st, m), fun=f_final, jac=jts.T)
