@@ -7,16 +7,40 @@ per-iteration records leave the device in batches (``_emitter``), a thread-safe 
 solver never waits for the watchers.
 """
 
+from . import events as events
+from . import sinks as sinks
 from ._curve_fit import curve_fit as curve_fit
 from ._least_squares import least_squares as least_squares
+from ._pipeline import FitError as FitError
+from ._pipeline import SinkError as SinkError
 from ._result import OptimizeResult as OptimizeResult
 from ._result import OptimizeWarning as OptimizeWarning
+from ._stream import FitStream as FitStream
+from ._stream import fit_stream as fit_stream
+from ._stream import least_squares_stream as least_squares_stream
+from ._stream import subscribe as subscribe
+from .events import FitFailed as FitFailed
+from .events import FitFinished as FitFinished
+from .events import FitStarted as FitStarted
+from .events import Iteration as Iteration
 
 __all__ = [
+    "FitError",
+    "FitFailed",
+    "FitFinished",
+    "FitStarted",
+    "FitStream",
+    "Iteration",
     "OptimizeResult",
     "OptimizeWarning",
+    "SinkError",
     "curve_fit",
+    "events",
+    "fit_stream",
     "least_squares",
+    "least_squares_stream",
+    "sinks",
+    "subscribe",
 ]
 
 __version__ = "0.1.0"

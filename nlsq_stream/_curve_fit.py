@@ -17,7 +17,8 @@ from jax import Array
 from . import _engine, _validate
 from ._least_squares import _strictly_feasible, output_shape
 from ._losses import LOSSES
-from ._pipeline import run_with_pipeline
+from ._engine import STATUS_STOPPED
+from ._pipeline import PreparedFit, check_sinks, run_sync
 from ._result import OptimizeResult, OptimizeWarning
 
 _LS_KWARGS = ("ftol", "xtol", "gtol", "x_scale", "loss", "f_scale", "max_nfev", "verbose", "sinks")
@@ -87,6 +88,20 @@ def _parameter_names(f: Callable[..., Any]) -> list[str] | None:
     if len(pos) < 2:
         return None
     return [p.name for p in pos[1:]]
+
+
+def _positional_counts(f: Callable[..., Any]) -> tuple[int, int] | None:
+    """(required, total) fit parameters in f's signature, or None when it cannot be told."""
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    required = sum(1 for p in pos if p.default is p.empty)
+    return required, len(pos)
 
 
 def _initialize_feasible(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
@@ -222,8 +237,50 @@ def curve_fit(
     >>> np.round(popt, 6).tolist()
     [3.0, 0.5]
     """
+    prep = prepare_curve_fit(
+        f, xdata, ydata, p0, sigma, absolute_sigma, check_finite, bounds, method, jac, **kwargs
+    )
+    res = run_sync(prep)
+    if res.status == STATUS_STOPPED:
+        warnings.warn(
+            "The fit was stopped before convergence; returning the best parameters so far",
+            OptimizeWarning,
+            stacklevel=2,
+        )
+    elif not res.success:
+        raise RuntimeError("Optimal parameters not found: " + res.message)
+    if res.pcov_warning:
+        warnings.warn(
+            "Covariance of the parameters could not be estimated", OptimizeWarning, stacklevel=2
+        )
+    popt, pcov = res.popt, res.pcov
+    if full_output:
+        infodict = {"nfev": res.nfev, "njev": res.njev, "nit": res.nit, "fvec": np.asarray(res.fun)}
+        return popt, pcov, infodict, res.message, res.status
+    return popt, pcov
+
+
+def prepare_curve_fit(
+    f: Callable[..., Any],
+    xdata: Any,
+    ydata: Any,
+    p0: Sequence[float] | np.ndarray | None = None,
+    sigma: Any = None,
+    absolute_sigma: bool = False,
+    check_finite: bool = True,
+    bounds: Any = (-np.inf, np.inf),
+    method: str | None = None,
+    jac: Callable[..., Any] | str | None = None,
+    **kwargs: Any,
+) -> PreparedFit:
+    """Validate ``curve_fit`` arguments (see there) into a :class:`PreparedFit`.
+
+    The result of running it carries ``popt``, ``pcov`` and ``pcov_warning`` besides scipy's
+    least-squares fields.
+    """
     _validate.check_callable("f", f)
     jac = _validate.check_jac(jac)
+    kwargs = dict(kwargs)
     if "args" in kwargs:
         raise ValueError("`args` is not a supported keyword argument of curve_fit")
     if "maxfev" in kwargs:
@@ -245,6 +302,13 @@ def curve_fit(
         n = len(names)
     else:
         n = np.atleast_1d(np.asarray(p0)).size
+        counts = _positional_counts(f)
+        if counts is not None and not counts[0] <= n <= counts[1]:
+            lo, hi = counts
+            want = str(lo) if lo == hi else f"between {lo} and {hi}"
+            raise ValueError(
+                f"`p0` has {n} values but the model f(x, ...) takes {want} parameters after x"
+            )
     try:
         y_host = ydata if isinstance(ydata, jax.Array) else np.asarray(ydata)
     except (TypeError, ValueError) as e:
@@ -290,6 +354,7 @@ def curve_fit(
         kwargs.get("max_nfev"), 100 * (n + 1) if method == "lm" else 100 * n
     )
     verbose = _validate.check_verbose(kwargs.get("verbose", 0))
+    sinks = check_sinks(kwargs.get("sinks"))
     problem = CurveFitProblem(f, jac, sigma_kind)
     data = (x, y, transform)
 
@@ -304,7 +369,13 @@ def curve_fit(
         )
     if has_bounds:
         p0a = _strictly_feasible(p0a, lb, ub)
-    res = run_with_pipeline(
+    def finalize(res: OptimizeResult) -> None:
+        pcov, warn = covariance(res, m, n, absolute_sigma)
+        res["popt"] = np.asarray(res.x)
+        res["pcov"] = pcov
+        res["pcov_warning"] = warn
+
+    return PreparedFit(
         problem=problem,
         config_kw=dict(method=method, loss=loss, has_bounds=has_bounds, jac_scale=isinstance(xs, str)),
         x0=p0a,
@@ -316,19 +387,10 @@ def curve_fit(
         f_scale=f_scale,
         max_nfev=max_nfev,
         verbose=verbose,
-        sinks=kwargs.get("sinks"),
+        sinks=sinks,
         n_residuals=m,
-        param_names=names if names is not None and len(names) == n else None,
+        param_names=tuple(names) if names is not None and len(names) == n else tuple(
+            f"p{i}" for i in range(n)
+        ),
+        finalize=finalize,
     )
-    if not res.success:
-        raise RuntimeError("Optimal parameters not found: " + res.message)
-    pcov, warn = covariance(res, m, n, absolute_sigma)
-    if warn:
-        warnings.warn(
-            "Covariance of the parameters could not be estimated", OptimizeWarning, stacklevel=2
-        )
-    popt = np.asarray(res.x)
-    if full_output:
-        infodict = {"nfev": res.nfev, "njev": res.njev, "nit": res.nit, "fvec": np.asarray(res.fun)}
-        return popt, pcov, infodict, res.message, res.status
-    return popt, pcov

@@ -106,6 +106,7 @@ class Output(NamedTuple):
     packed: Array
     fun: Array
     jac: Array
+    flushed: Array  # the last flush's answer: keeps the final callback alive in the program
 
 
 def _pack(st: State, m: int) -> Array:
@@ -196,19 +197,19 @@ def _lm_cosine(r: Array, g: Array, cost: Array) -> Array:
 def solve(
     problem: Problem,
     config: Config,
-    x0: Array,
-    lb: Array,
-    ub: Array,
+    vectors: Array,
+    scalars: Array,
     data: Any,
-    x_scale: Array,
-    ftol: Array,
-    xtol: Array,
-    gtol: Array,
-    f_scale: Array,
-    max_nfev: Array,
     emit_args: Any = None,
 ) -> Output:
-    """Run a whole fit on the device. Returns final values; see ``Output``."""
+    """Run a whole fit on the device. Returns final values; see ``Output``.
+
+    ``vectors`` stacks ``(x0, lb, ub, x_scale)`` (shape (4, n)) and ``scalars`` holds ``(ftol,
+    xtol, gtol, f_scale, max_nfev)``: few arguments make the per-call dispatch cheap.
+    """
+    x0, lb, ub, x_scale = vectors[0], vectors[1], vectors[2], vectors[3]
+    ftol, xtol, gtol, f_scale = scalars[0], scalars[1], scalars[2], scalars[3]
+    max_nfev = scalars[4].astype(jnp.int32)
     dtype = x0.dtype
     n = x0.shape[0]
     f0_shape = jax.eval_shape(lambda x: problem.residual(x, data), x0).shape
@@ -252,8 +253,9 @@ def solve(
         emit0 = emitter.init(emit_args, n, dtype)
         emit0 = emitter.record(
             emit0, emit_args, jnp.zeros((), jnp.int32), one_i, ev0.cost, zero, zero, g_norm0, x0,
-            status0 != RUNNING, status0,
+            jnp.ones((), jnp.bool_), status0,
         )
+        status0 = jnp.where((status0 == RUNNING) & emit0.stop, STATUS_STOPPED, status0)
     state = State(
         x=x0,
         cost=ev0.cost,
@@ -310,6 +312,7 @@ def solve(
             emit = emitter.record(
                 emit, emit_args, nit, nfev, cost, reduction, step_norm, g_norm, x, done, status
             )
+            status = jnp.where((status == RUNNING) & emit.stop, STATUS_STOPPED, status)
         return State(
             x=x, cost=cost, r=r, qtf=qtf, g=g, scale_inv=scale_inv, delta=delta, alpha=alpha,
             nfev=nfev, njev=njev, nit=nit, status=status, g_norm=g_norm, reduction=reduction,
@@ -400,7 +403,9 @@ def solve(
         actred = jnp.where(close, 1.0 - ev.cost / safe_cost, -1.0)
         prered = -quadratic(jh, g_h, p_h) / safe_cost
         dirder = (g_h @ p_h) / safe_cost
-        ratio = jnp.where(prered != 0, actred / jnp.where(prered != 0, prered, 1.0), 0.0)
+        # A non-positive predicted reduction (possible when the Jacobian is rank-deficient and the
+        # subproblem cannot reach the radius) must never make an uphill step look good.
+        ratio = jnp.where(prered > 0, actred / jnp.where(prered > 0, prered, 1.0), 0.0)
         small = ratio <= 0.25
         denom = dirder + 0.5 * actred
         temp = jnp.where(
@@ -431,9 +436,10 @@ def solve(
 
     body = lm_body if config.method == "lm" else trf_body
     st = lax.while_loop(cond, body, state)
+    flushed = jnp.zeros((), jnp.int32)
     if emitter is not None:
-        emitter.flush(st.emit, emit_args)
+        flushed = emitter.flush(st.emit, emit_args)
 
     f_final, jt_final = problem.residual_and_jt(st.x, data)
     _, jts = _losses.scale_residuals_and_jacobian(config.loss, f_final, jt_final, f_scale)
-    return Output(packed=_pack(st, m), fun=f_final, jac=jts.T)
+    return Output(packed=_pack(st, m), fun=f_final, jac=jts.T, flushed=flushed)

@@ -18,6 +18,7 @@ from jax import Array
 
 from . import _engine, _validate
 from ._losses import LOSSES
+from ._pipeline import PreparedFit, check_sinks, run_sync
 from ._result import STATUS_MESSAGES, OptimizeResult
 
 _SHAPE_CACHE: dict[Any, tuple[int, ...]] = {}
@@ -100,16 +101,9 @@ def run(
     out = _engine.solve(
         problem,
         config,
-        x0,
-        lb,
-        ub,
+        np.stack([x0, lb, ub, x_scale]),
+        np.array([tols[0], tols[1], tols[2], f_scale, max_nfev], dtype),
         data,
-        x_scale,
-        np.asarray(tols[0], dtype),
-        np.asarray(tols[1], dtype),
-        np.asarray(tols[2], dtype),
-        np.asarray(f_scale, dtype),
-        np.asarray(max_nfev, np.int32),
         emit_args,
     )
     v = _engine.unpack(np.asarray(out.packed), x0.shape[0])
@@ -195,13 +189,38 @@ def least_squares(
     >>> [round(float(v), 6) for v in res.x]
     [1.0, 1.0]
     """
-    from ._pipeline import run_with_pipeline
+    prep = prepare_least_squares(
+        fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, loss, f_scale, max_nfev, args,
+        kwargs, verbose, sinks,
+    )
+    return run_sync(prep)
 
+
+def prepare_least_squares(
+    fun: Callable[..., Any],
+    x0: Any,
+    jac: Callable[..., Any] | str | None = None,
+    bounds: Any = (-np.inf, np.inf),
+    method: str = "trf",
+    ftol: float | None = 1e-8,
+    xtol: float | None = 1e-8,
+    gtol: float | None = 1e-8,
+    x_scale: float | Sequence[float] | np.ndarray | str = 1.0,
+    loss: str = "linear",
+    f_scale: float = 1.0,
+    max_nfev: int | None = None,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    verbose: int = 0,
+    sinks: Sequence[Any] | None = None,
+) -> PreparedFit:
+    """Validate ``least_squares`` arguments (see there) into a :class:`PreparedFit`."""
     _validate.check_callable("fun", fun)
     jac = _validate.check_jac(jac)
     method = _validate.check_method(method)
     loss = _validate.check_loss(loss, LOSSES)
     verbose = _validate.check_verbose(verbose)
+    sinks_v = check_sinks(sinks)
     args_t = _check_data_tree("args", tuple(args))
     kwargs_t = _check_data_tree("kwargs", dict(kwargs or {}))
     dtype = _validate.float_dtype(x0)
@@ -235,7 +254,7 @@ def least_squares(
         x0a = _strictly_feasible(x0a, lb, ub)
     config_kw = dict(method=method, loss=loss, has_bounds=has_bounds, jac_scale=isinstance(xs, str))
     x_scale_arr = np.ones(n, dtype) if isinstance(xs, str) else xs
-    return run_with_pipeline(
+    return PreparedFit(
         problem=problem,
         config_kw=config_kw,
         x0=x0a,
@@ -247,9 +266,9 @@ def least_squares(
         f_scale=f_scale_v,
         max_nfev=max_nfev_v,
         verbose=verbose,
-        sinks=sinks,
+        sinks=sinks_v,
         n_residuals=m,
-        param_names=None,
+        param_names=tuple(f"x[{i}]" for i in range(n)),
     )
 
 

@@ -1,34 +1,188 @@
-"""Wires a validated fit to the engine and, when watched, to the event pipeline."""
+"""Runs a validated fit: silently, or watched through emitter -> hub -> sinks (the sync face).
+
+``PreparedFit`` is what validation produces; ``execute`` runs it on the device (with an emission
+channel when watched); ``run_sync`` is what ``curve_fit(..., verbose=2)`` and
+``least_squares(..., sinks=[...])`` use: the sinks run in a background event loop (anyio's
+blocking portal), the fit runs in the calling thread, and the call returns only after every sink
+has drained. It works inside Jupyter too, where the caller's thread already runs an event loop.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _engine
-from ._least_squares import run
+from ._emitter import Channel, Emitter
+from ._hub import HUB, Batch
 from ._result import OptimizeResult
+from .events import FitFailed, FitFinished, FitStarted
 
 
-def run_with_pipeline(
-    *,
-    problem: Any,
-    config_kw: dict[str, Any],
-    x0: np.ndarray,
-    lb: np.ndarray,
-    ub: np.ndarray,
-    data: Any,
-    x_scale: np.ndarray,
-    tols: tuple[float, float, float],
-    f_scale: float,
-    max_nfev: int,
-    verbose: int,
-    sinks: Any,
-    n_residuals: int,
-    param_names: Any,
-) -> OptimizeResult:
-    if verbose or sinks:
-        raise NotImplementedError("event streaming arrives with the event pipeline")
-    config = _engine.Config(**config_kw)
-    return run(problem, config, x0, lb, ub, data, x_scale, tols, f_scale, max_nfev)
+class SinkError(RuntimeWarning):
+    """A sink raised; it was detached and the fit and the other sinks went on."""
+
+
+class FitError(RuntimeError):
+    """The fit itself raised (for example the model failed); ``__cause__`` is the original."""
+
+
+@dataclasses.dataclass
+class PreparedFit:
+    """A fit whose arguments passed validation: everything ``execute`` needs, nothing started."""
+
+    problem: Any
+    config_kw: dict[str, Any]
+    x0: np.ndarray
+    lb: np.ndarray
+    ub: np.ndarray
+    data: Any
+    x_scale: np.ndarray
+    tols: tuple[float, float, float]
+    f_scale: float
+    max_nfev: int
+    verbose: int
+    sinks: list[Any]
+    n_residuals: int
+    param_names: tuple[str, ...]
+    finalize: Callable[[OptimizeResult], None] | None = None
+
+    def started_event(self, fit_id: str) -> FitStarted:
+        return FitStarted(
+            fit_id=fit_id,
+            method=self.config_kw["method"],
+            n_params=int(self.x0.size),
+            n_residuals=self.n_residuals,
+            param_names=self.param_names,
+            x0=np.asarray(self.x0, dtype=np.float64),
+            time=time.time(),
+        )
+
+
+def new_fit_id() -> str:
+    return "fit-" + uuid.uuid4().hex[:12]
+
+
+def result_summary(res: OptimizeResult) -> dict[str, Any]:
+    """The JSON-friendly part of a result, as FitFinished carries it."""
+    return {
+        "x": np.asarray(res.x, dtype=np.float64),
+        "cost": float(res.cost),
+        "optimality": float(res.optimality),
+        "nfev": int(res.nfev),
+        "njev": int(res.njev),
+        "nit": int(res.nit),
+        "status": int(res.status),
+        "message": str(res.message),
+        "success": bool(res.success),
+    }
+
+
+def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -> OptimizeResult:
+    """Run the fit on the device; with ``level`` > 0 records flow through ``channel``."""
+    from ._least_squares import run
+
+    if level == 0 or channel is None:
+        config = _engine.Config(**prep.config_kw)
+        res = run(
+            prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale, prep.tols,
+            prep.f_scale, prep.max_nfev,
+        )
+    else:
+        config = _engine.Config(**prep.config_kw, emitter=Emitter(level))
+        with channel:
+            channel.reset_clock()
+            res = run(
+                prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale,
+                prep.tols, prep.f_scale, prep.max_nfev, np.int32(channel.token),
+            )
+        if channel.interrupt is not None:
+            raise channel.interrupt
+    if prep.finalize is not None:
+        prep.finalize(res)
+    return res
+
+
+def hub_channel(fit_id: str) -> Channel:
+    """A channel whose batches go to the hub as lazily decoded Iteration events."""
+    return Channel(lambda rows, t: HUB.publish(Batch(fit_id, rows=rows, time=t)))
+
+
+def publish_terminal(fit_id: str, res: OptimizeResult | None, error: BaseException | None) -> None:
+    if error is None and res is not None:
+        HUB.publish(Batch(fit_id, [FitFinished(fit_id, result_summary(res), time.time())]))
+    else:
+        HUB.publish(
+            Batch(fit_id, [FitFailed(fit_id, type(error).__name__, describe(error), time.time())])
+        )
+
+
+def describe(error: BaseException | None) -> str:
+    """A message naming the cause, carried across XLA (which does not chain callback errors)."""
+    if error is None:
+        return ""
+    msg = str(error) or type(error).__name__
+    cause = error.__cause__
+    if cause is not None and str(cause) not in msg:
+        msg = f"{msg} (caused by {type(cause).__name__}: {cause})"
+    return msg
+
+
+def default_sinks(verbose: int) -> list[Any]:
+    from .sinks import default_display
+
+    return [default_display()] if verbose else []
+
+
+def run_sync(prep: PreparedFit) -> OptimizeResult:
+    """The sync face: silent when not watched, else the same pipeline ``fit_stream`` uses."""
+    sinks = list(prep.sinks) or (default_sinks(prep.verbose) if prep.verbose else [])
+    if not sinks:
+        return execute(prep)
+    from ._stream import SinkRunner
+
+    level = prep.verbose or 2
+    fit_id = new_fit_id()
+    channel = hub_channel(fit_id)
+    runner = SinkRunner(sinks, fit_id, backend="asyncio")
+    res: OptimizeResult | None = None
+    error: BaseException | None = None
+    with runner:
+        HUB.publish(Batch(fit_id, [prep.started_event(fit_id)]))
+        try:
+            res = execute(prep, level, channel)
+        except BaseException as e:
+            error = e
+        publish_terminal(fit_id, res, error)
+        runner.wait()
+    for failure in runner.errors:
+        warnings.warn(failure, SinkError, stacklevel=3)
+    if error is not None:
+        raise error
+    assert res is not None
+    res["sink_errors"] = list(runner.errors)
+    return res
+
+
+def check_sinks(sinks: Sequence[Any] | None) -> list[Any]:
+    """Validate ``sinks`` before anything starts: each must be callable or have ``send``."""
+    if sinks is None:
+        return []
+    if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Sequence):
+        raise TypeError(f"`sinks` must be a list of sinks, got {type(sinks).__name__}")
+    for i, s in enumerate(sinks):
+        if not (callable(s) or hasattr(s, "send") or hasattr(s, "send_batch")):
+            raise TypeError(
+                f"`sinks[{i}]` must be an async callable sink(event) or an object with an async "
+                f"`send(event)` method, got {type(s).__name__}"
+            )
+        policy = getattr(s, "policy", "lossless")
+        if policy not in ("lossless", "latest"):
+            raise ValueError(f"`sinks[{i}].policy` must be 'lossless' or 'latest', got {policy!r}")
+    return list(sinks)

@@ -53,25 +53,26 @@ def solve_subproblem(
     use_restart = (~full_rank) & (alpha == 0)
     a0 = jnp.where(use_restart, restart_value(alpha_lower, alpha_upper), alpha)
 
-    def body(_: int, carry: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
-        a, lo, hi, done = carry
-        a_in = jnp.where((a < lo) | (a > hi), restart_value(lo, hi), a)
-        phi, dphi = phi_and_derivative(a_in)
-        hi_new = jnp.where(phi < 0, a_in, hi)
-        ratio = phi / jnp.where(dphi != 0, dphi, -1.0)
-        lo_new = jnp.maximum(lo, a_in - ratio)
-        a_new = a_in - (phi + delta) * ratio / delta
-        converged = jnp.abs(phi) < 0.01 * delta
-        # Once converged, freeze the carry (scipy breaks out of the loop at this point).
-        keep = done
-        a_out = jnp.where(keep, a, jnp.where(converged, a_in, a_new))
-        lo_out = jnp.where(keep, lo, lo_new)
-        hi_out = jnp.where(keep, hi, hi_new)
-        return a_out, lo_out, hi_out, done | converged
+    def cond(carry: tuple[Array, Array, Array, Array, Array]) -> Array:
+        i, _, _, _, done = carry
+        return (i < max_iter) & ~done
 
-    a, _, _, _ = lax.fori_loop(
-        0, max_iter, body, (a0, alpha_lower, alpha_upper, jnp.asarray(False)), unroll=False
-    )
+    def body(
+        carry: tuple[Array, Array, Array, Array, Array],
+    ) -> tuple[Array, Array, Array, Array, Array]:
+        i, a, lo, hi, _ = carry
+        a = jnp.where((a < lo) | (a > hi), restart_value(lo, hi), a)
+        phi, dphi = phi_and_derivative(a)
+        hi = jnp.where(phi < 0, a, hi)
+        ratio = phi / jnp.where(dphi != 0, dphi, -1.0)
+        lo = jnp.maximum(lo, a - ratio)
+        converged = jnp.abs(phi) < 0.01 * delta
+        # scipy updates alpha and then breaks; the step below uses the updated value.
+        a = a - (phi + delta) * ratio / delta
+        return i + 1, a, lo, hi, converged
+
+    # When the Gauss-Newton step fits in the region no iteration is needed (done from the start).
+    _, a, _, _, _ = lax.while_loop(cond, body, (0, a0, alpha_lower, alpha_upper, gn_ok))
     denom = s**2 + a
     p = -v @ (suf / jnp.where(denom > 0, denom, 1.0))
     p_norm = jnp.linalg.norm(p)

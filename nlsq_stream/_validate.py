@@ -80,11 +80,9 @@ def check_tolerances(ftol: Any, xtol: Any, gtol: Any, dtype: np.dtype[Any]) -> t
         if not (v >= 0) or not np.isfinite(v):
             raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
         out.append(v)
-    if all(v < eps for v in out):
-        raise ValueError(
-            f"At least one of `ftol`, `xtol`, `gtol` must be at least machine epsilon ({eps:.2e})"
-        )
-    return tuple(max(v, eps) if 0 < v < eps else v for v in out)
+    if all(v == 0 for v in out):
+        raise ValueError("At least one of `ftol`, `xtol`, `gtol` must be positive")
+    return tuple(max(v, eps) if v > 0 else v for v in out)
 
 
 def check_max_nfev(max_nfev: Any, default: int) -> int:

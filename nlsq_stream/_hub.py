@@ -1,0 +1,208 @@
+"""Stage three: a thread-safe hub fans batches of events out to per-subscriber memory streams.
+
+Publishing happens on whatever thread has the events -- an XLA callback thread, the solver's
+worker thread, the caller's thread -- and never blocks: each subscriber gets one non-blocking
+hand-off per batch into its own event loop (``call_soon_threadsafe`` on asyncio, ``run_sync_soon``
+on trio). Inside that loop the batch goes into the subscriber's own anyio memory object stream
+under the subscriber's policy:
+
+* ``"lossless"``: an unbounded stream; nothing is ever dropped.
+* ``"latest"``: at most one Iteration waits; a newer one replaces it and ``skipped`` counts the
+  replaced ones. FitStarted and the terminal event are never dropped.
+
+Receive clones of one memory stream would *distribute* items between receivers, which is why every
+subscriber has a stream of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import anyio
+import anyio.lowlevel
+import numpy as np
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .events import TERMINAL, Event, Iteration
+
+Policy = Literal["lossless", "latest"]
+POLICIES: tuple[str, ...] = ("lossless", "latest")
+
+
+class Batch:
+    """Events of one fit published together; Iteration rows are decoded lazily, once."""
+
+    __slots__ = ("_events", "_lock", "_rows", "fit_id", "time")
+
+    def __init__(
+        self,
+        fit_id: str,
+        events: Sequence[Event] | None = None,
+        rows: np.ndarray | None = None,
+        time: float = 0.0,
+    ) -> None:
+        self.fit_id = fit_id
+        self._events = list(events) if events is not None else None
+        self._rows = rows
+        self.time = time
+        self._lock = threading.Lock()
+
+    def events(self) -> list[Event]:
+        if self._events is None:
+            with self._lock:
+                if self._events is None:
+                    self._events = rows_to_iterations(self.fit_id, self._rows, self.time)
+        return self._events
+
+
+def rows_to_iterations(fit_id: str, rows: Any, t: float) -> list[Event]:
+    out: list[Event] = []
+    for row in rows:
+        it = int(row[0])
+        out.append(
+            Iteration(
+                fit_id=fit_id,
+                iteration=it,
+                nfev=int(row[1]),
+                cost=float(row[2]),
+                cost_reduction=None if it == 0 else float(row[3]),
+                step_norm=None if it == 0 else float(row[4]),
+                optimality=float(row[5]),
+                params=np.array(row[6:], dtype=np.float64),
+                time=t,
+            )
+        )
+    return out
+
+
+def _scheduler(token: anyio.lowlevel.EventLoopToken) -> Callable[..., None]:
+    native = token.native_token
+    if hasattr(native, "call_soon_threadsafe"):  # asyncio loop
+        return native.call_soon_threadsafe  # type: ignore[no-any-return]
+    if hasattr(native, "run_sync_soon"):  # trio token
+        return native.run_sync_soon  # type: ignore[no-any-return]
+    raise RuntimeError(f"unsupported event loop token {native!r}")
+
+
+class Subscription:
+    """One subscriber: its own memory object stream in its own event loop, under its policy.
+
+    Create it inside the event loop that will receive (it captures that loop's token). Iterate it
+    with ``async for``; it ends after the terminal event of a fit it follows (``fit_id`` given), or
+    when closed.
+    """
+
+    def __init__(self, fit_id: str | None = None, policy: Policy = "lossless") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}")
+        self.fit_id = fit_id
+        self.policy = policy
+        self.skipped = 0
+        self.received = 0
+        self._schedule = _scheduler(anyio.lowlevel.current_token())
+        size = math.inf if policy == "lossless" else 1
+        self._send: MemoryObjectSendStream[Event]
+        self._recv: MemoryObjectReceiveStream[Event]
+        self._send, self._recv = anyio.create_memory_object_stream[Event](size)
+        self._side: collections.deque[Event] = collections.deque()
+        self._ended = False  # the terminal event went into the stream (or we closed)
+        self._dead = False  # the consumer's loop is gone
+
+    # -- producer side (any thread) ------------------------------------------------------------
+    def offer(self, batch: Batch) -> None:
+        if self._dead or self._ended:
+            return
+        try:
+            self._schedule(self._deliver, batch)
+        except RuntimeError:  # the consumer's loop is closed
+            self._dead = True
+
+    # -- consumer side (its event loop) --------------------------------------------------------
+    def _deliver(self, batch: Batch) -> None:
+        if self._ended:
+            return
+        for ev in batch.events():
+            if self.policy == "latest" and isinstance(ev, Iteration):
+                if self._side and isinstance(self._side[-1], Iteration):
+                    self._side[-1] = ev
+                    self.skipped += 1
+                    continue
+            self._side.append(ev)
+        self._refill()
+
+    def _refill(self) -> None:
+        while self._side and not self._ended:
+            ev = self._side[0]
+            try:
+                self._send.send_nowait(ev)
+            except anyio.WouldBlock:
+                return
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._ended = True
+                self._side.clear()
+                return
+            self._side.popleft()
+            if self.fit_id is not None and isinstance(ev, TERMINAL):
+                self._ended = True
+                self._send.close()
+
+    async def receive(self) -> Event:
+        ev = await self._recv.receive()
+        self.received += 1
+        self._refill()
+        return ev
+
+    def receive_nowait(self) -> Event:
+        ev = self._recv.receive_nowait()
+        self.received += 1
+        self._refill()
+        return ev
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop receiving; pending events are discarded. Idempotent."""
+        self._ended = True
+        self._side.clear()
+        self._send.close()
+        self._recv.close()
+
+
+class Hub:
+    """Routes published batches to the subscriptions that follow their fit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: tuple[Subscription, ...] = ()
+
+    def subscribe(self, sub: Subscription) -> Subscription:
+        with self._lock:
+            self._subs = (*self._subs, sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subs = tuple(s for s in self._subs if s is not sub)
+
+    def has_subscribers(self, fit_id: str) -> bool:
+        return any(s.fit_id is None or s.fit_id == fit_id for s in self._subs)
+
+    def publish(self, batch: Batch) -> None:
+        """Hand ``batch`` to every matching subscriber. Thread-safe; never blocks."""
+        for sub in self._subs:  # a snapshot: the tuple is replaced, never mutated
+            if sub.fit_id is None or sub.fit_id == batch.fit_id:
+                sub.offer(batch)
+
+
+HUB = Hub()

@@ -1,0 +1,361 @@
+"""Stage four: subscriber streams and sinks; ``fit_stream``, the async face of a fit.
+
+A fit watched from async code runs its solver in a worker thread. The consumer reads its own
+memory object stream (``async for event in stream``), and sinks run in a background event loop
+of their own (:class:`SinkRunner`), each reading its own stream, so neither a slow consumer nor a
+slow sink can slow the solver or each other. The same ``SinkRunner`` serves the sync face.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+from ._hub import HUB, Batch, Policy, Subscription, _scheduler
+from ._pipeline import (
+    FitError,
+    PreparedFit,
+    describe,
+    execute,
+    hub_channel,
+    new_fit_id,
+    publish_terminal,
+)
+from ._result import OptimizeResult
+from .events import TERMINAL, Event, FitFailed
+
+
+class _SinkAdapter:
+    """Presents any accepted sink as ``send_batch(events)`` plus ``aclose()``."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.policy: Policy = getattr(sink, "policy", "lossless")
+        self.name = getattr(sink, "__name__", None) or type(sink).__name__
+
+    async def send_batch(self, events: list[Event]) -> None:
+        sink = self.sink
+        if hasattr(sink, "send_batch"):
+            await sink.send_batch(events)
+            return
+        send = sink.send if hasattr(sink, "send") else sink
+        for ev in events:
+            out = send(ev)
+            if inspect.isawaitable(out):
+                await out
+
+    async def aclose(self) -> None:
+        close = getattr(self.sink, "aclose", None)
+        if close is not None:
+            out = close()
+            if inspect.isawaitable(out):
+                await out
+
+
+class SinkRunner:
+    """Runs sinks for one fit in a background event loop (a blocking portal thread).
+
+    Use as a context manager around the fit: entering subscribes every sink before any event is
+    published; ``wait()`` (or the ``on_done`` callback) tells when all of them have drained after
+    the terminal event. A sink that raises is detached; its error lands in ``errors``.
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[Any],
+        fit_id: str,
+        backend: str = "asyncio",
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self._adapters = [_SinkAdapter(s) for s in sinks]
+        self._fit_id = fit_id
+        self._backend = backend
+        self._on_done = on_done
+        self._remaining = len(self._adapters)
+        self._all_done = threading.Event()
+        self.errors: list[str] = []
+        self._futures: list[Any] = []
+        self._cm: Any = None
+
+    def __enter__(self) -> SinkRunner:
+        self._cm = anyio.from_thread.start_blocking_portal(self._backend, name="nlsq_stream-sinks")
+        portal = self._cm.__enter__()
+        try:
+            subs = portal.call(self._subscribe_all)
+            self._futures = [
+                portal.start_task_soon(self._drive, a, s)
+                for a, s in zip(self._adapters, subs, strict=True)
+            ]
+        except BaseException:
+            self._cm.__exit__(None, None, None)
+            raise
+        if not self._adapters:
+            self._finish_one()
+        return self
+
+    async def _subscribe_all(self) -> list[Subscription]:
+        return [HUB.subscribe(Subscription(self._fit_id, a.policy)) for a in self._adapters]
+
+    async def _drive(self, adapter: _SinkAdapter, sub: Subscription) -> None:
+        try:
+            async for first in sub:
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(sub.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
+                try:
+                    await adapter.send_batch(batch)
+                except Exception as e:
+                    self.errors.append(
+                        f"sink {adapter.name} raised {type(e).__name__}: {e}; it was detached "
+                        f"({''.join(traceback.format_exception_only(e)).strip()})"
+                    )
+                    break
+        finally:
+            HUB.unsubscribe(sub)
+            sub.close()
+            try:
+                await adapter.aclose()
+            except Exception as e:
+                self.errors.append(f"sink {adapter.name} failed to close: {type(e).__name__}: {e}")
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        self._remaining -= 1
+        if self._remaining <= 0:
+            self._all_done.set()
+            if self._on_done is not None:
+                self._on_done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every sink has drained (after the terminal event)."""
+        return self._all_done.wait(timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._futures:
+            if not f.done():
+                f.cancel()
+        self._cm.__exit__(None, None, None)
+
+
+class FitStream:
+    """A running (or ready) fit whose events you read with ``async for``.
+
+    Use ``async with fit_stream(...) as stream: async for event in stream: ...`` (leaving the block
+    early stops the fit), or plain ``async for event in fit_stream(...)``. After the terminal event
+    ``stream.result`` holds the :class:`OptimizeResult`. If the fit raised, the terminal event is a
+    :class:`FitFailed` and the iteration then raises :class:`FitError` from the original error.
+    """
+
+    def __init__(self, prep: PreparedFit, policy: Policy, sinks: Sequence[Any]) -> None:
+        self._prep = prep
+        self._policy = policy
+        self._sinks = list(sinks)
+        self.fit_id = new_fit_id()
+        self.result: OptimizeResult | None = None
+        self.error: BaseException | None = None
+        self._channel = hub_channel(self.fit_id)
+        self._started = False
+        self._closed = False
+        self._terminal_seen = False
+        self._sub: Subscription | None = None
+        self._runner: SinkRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Iteration events this consumer's ``latest`` stream replaced before reading them."""
+        return self._sub.skipped if self._sub is not None else 0
+
+    @property
+    def sink_errors(self) -> list[str]:
+        return list(self._runner.errors) if self._runner is not None else []
+
+    def stop(self) -> None:
+        """Ask the solver to stop; it ends with status -2 and the best parameters so far."""
+        self._channel.stop_requested.set()
+
+    async def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        token = anyio.lowlevel.current_token()
+        schedule = _scheduler(token)
+        self._worker_done = anyio.Event()
+        self._sinks_done = anyio.Event()
+        self._sub = HUB.subscribe(Subscription(self.fit_id, self._policy))
+        if self._sinks:
+            self._runner = SinkRunner(
+                self._sinks,
+                self.fit_id,
+                # Sinks get their own asyncio loop whatever the consumer runs: anyio's blocking
+                # portal cannot be driven from inside a trio loop into a second trio loop (it
+                # deadlocks, measured here), and asyncio is the cheaper loop to start.
+                backend="asyncio",
+                on_done=lambda: _safe_schedule(schedule, self._sinks_done.set),
+            )
+            self._runner.__enter__()
+        else:
+            self._sinks_done.set()
+        HUB.publish(Batch(self.fit_id, [self._prep.started_event(self.fit_id)]))
+        self._thread = threading.Thread(
+            target=self._work, args=(schedule,), name=f"nlsq_stream-{self.fit_id}", daemon=True
+        )
+        self._thread.start()
+
+    def _work(self, schedule: Callable[..., None]) -> None:
+        res = None
+        try:
+            res = execute(self._prep, self._prep.verbose or 2, self._channel)
+            self.result = res
+        except BaseException as e:
+            self.error = e
+        finally:
+            publish_terminal(self.fit_id, res, self.error)
+            _safe_schedule(schedule, self._worker_done.set)
+
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._worker_done.wait()
+            assert self._thread is not None
+            self._thread.join()
+            await self._sinks_done.wait()
+            if self._runner is not None:
+                self._runner.__exit__(None, None, None)
+            if self._sub is not None:
+                HUB.unsubscribe(self._sub)
+                self._sub.close()
+        if self.result is not None and self._runner is not None:
+            self.result["sink_errors"] = list(self._runner.errors)
+
+    async def __aenter__(self) -> FitStream:
+        await self._start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._terminal_seen:
+            self.stop()
+        await self._close()
+
+    def __aiter__(self) -> FitStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        await self._start()
+        if self._terminal_seen:
+            await self._close()
+            if self.error is not None:
+                raise FitError(f"the fit failed: {describe(self.error)}") from self.error
+            raise StopAsyncIteration
+        assert self._sub is not None
+        try:
+            ev = await self._sub.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            await self._close()
+            raise StopAsyncIteration from None
+        except BaseException:
+            # Cancelled while waiting: stop the solver and clean up before propagating.
+            self.stop()
+            await self._close()
+            raise
+        if isinstance(ev, TERMINAL):
+            self._terminal_seen = True
+            if isinstance(ev, FitFailed):
+                with anyio.CancelScope(shield=True):
+                    await self._worker_done.wait()
+        return ev
+
+
+def _safe_schedule(schedule: Callable[..., None], fn: Callable[[], Any]) -> None:
+    try:
+        schedule(fn)
+    except RuntimeError:  # the consumer's loop is already closed
+        pass
+
+
+def fit_stream(
+    f: Callable[..., Any],
+    xdata: Any,
+    ydata: Any,
+    p0: Any = None,
+    *,
+    policy: Policy = "lossless",
+    sinks: Sequence[Any] | None = None,
+    **curve_fit_kwargs: Any,
+) -> FitStream:
+    """Fit like :func:`curve_fit` and stream its events.
+
+    Arguments are validated now (errors raise here, before any thread starts); the fit starts when
+    the stream is entered or first iterated. ``policy`` is this consumer's buffer policy.
+
+    >>> async def main():                                   # doctest: +SKIP
+    ...     async with fit_stream(model, x, y, p0=[1, 1, 0]) as stream:
+    ...         async for event in stream:
+    ...             print(event)
+    ...     return stream.result.popt
+    """
+    from ._curve_fit import prepare_curve_fit
+    from ._hub import POLICIES
+    from ._pipeline import check_sinks
+
+    if policy not in POLICIES:
+        raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}")
+    sinks_v = check_sinks(sinks)
+    prep = prepare_curve_fit(f, xdata, ydata, p0, **curve_fit_kwargs)
+    return FitStream(prep, policy, sinks_v)
+
+
+def least_squares_stream(
+    fun: Callable[..., Any],
+    x0: Any,
+    *,
+    policy: Policy = "lossless",
+    sinks: Sequence[Any] | None = None,
+    **least_squares_kwargs: Any,
+) -> FitStream:
+    """Solve like :func:`least_squares` and stream its events (see :func:`fit_stream`)."""
+    from ._hub import POLICIES
+    from ._least_squares import prepare_least_squares
+    from ._pipeline import check_sinks
+
+    if policy not in POLICIES:
+        raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}")
+    sinks_v = check_sinks(sinks)
+    prep = prepare_least_squares(fun, x0, **least_squares_kwargs)
+    return FitStream(prep, policy, sinks_v)
+
+
+class subscribe:
+    """Follow every event published on the hub (all fits, and the async logger) in this loop.
+
+    >>> async def watch():                                  # doctest: +SKIP
+    ...     async with subscribe() as events:
+    ...         async for event in events:
+    ...             print(event)
+    """
+
+    def __init__(self, fit_id: str | None = None, policy: Policy = "lossless") -> None:
+        self._fit_id = fit_id
+        self._policy = policy
+        self._sub: Subscription | None = None
+
+    async def __aenter__(self) -> Subscription:
+        self._sub = HUB.subscribe(Subscription(self._fit_id, self._policy))
+        return self._sub
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sub is not None:
+            HUB.unsubscribe(self._sub)
+            self._sub.close()

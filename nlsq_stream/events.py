@@ -1,0 +1,283 @@
+"""Typed fit events and their JSON form.
+
+A fit produces, in order: one :class:`FitStarted`, any number of :class:`Iteration` events with
+increasing ``iteration``, then exactly one terminal event, :class:`FitFinished` or
+:class:`FitFailed`. Events are frozen dataclasses; ``to_json``/``from_json`` round-trip them exactly
+(floats are written with ``repr`` precision).
+
+JSON schema (version 1), one object per event::
+
+    {"schema": 1, "type": "FitStarted", "fit_id": str, "method": str, "n_params": int,
+     "n_residuals": int, "param_names": [str, ...], "x0": [float, ...], "time": float}
+    {"schema": 1, "type": "Iteration", "fit_id": str, "iteration": int, "nfev": int,
+     "cost": float, "cost_reduction": float|null, "step_norm": float|null,
+     "optimality": float, "params": [float, ...], "time": float}
+    {"schema": 1, "type": "FitFinished", "fit_id": str, "result": {...}, "time": float}
+    {"schema": 1, "type": "FitFailed", "fit_id": str, "error_type": str, "message": str,
+     "time": float}
+
+``time`` is seconds since the epoch (``time.time()``) when the host received the event. Non-finite
+floats are written as ``NaN``, ``Infinity`` and ``-Infinity``, as Python's ``json`` does.
+``result`` holds ``x`` (list), ``cost``, ``optimality``, ``nfev``, ``njev``, ``nit``, ``status``,
+``message`` and ``success``.
+
+>>> e = Iteration("fit-1", 3, 4, 0.5, 0.1, 0.01, 1e-3, np.array([1.0, 2.0]), 0.0)
+>>> Iteration.from_json(e.to_json()) == e
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, ClassVar, Union
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class EventDecodeError(ValueError):
+    """A JSON line could not be turned into an event; the message says why."""
+
+
+def _float(v: Any) -> float:
+    return float(v)
+
+
+def _opt_float(v: Any) -> float | None:
+    if v is None:
+        return None
+    f = float(v)
+    return None if math.isnan(f) else f
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Event:
+    TYPE: ClassVar[str] = ""
+    fit_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": self.TYPE}
+        for f in dataclasses.fields(self):
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+    def to_json(self) -> str:
+        """One line of JSON (no newline)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> Event:
+        """Parse one JSON line into the event it describes (any event type)."""
+        return event_from_json(line)
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        return all(
+            _equal(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return [float(t) for t in v.reshape(-1)]
+    if isinstance(v, dict):
+        return {k: _jsonable(t) for k, t in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(t) for t in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitStarted(_Event):
+    """A fit began. ``x0`` is the starting point (after it was made strictly feasible)."""
+
+    TYPE: ClassVar[str] = "FitStarted"
+    method: str
+    n_params: int
+    n_residuals: int
+    param_names: tuple[str, ...]
+    x0: np.ndarray
+    time: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Iteration(_Event):
+    """One completed solver iteration: a row of scipy's ``verbose=2`` table plus the parameters.
+
+    ``cost_reduction`` and ``step_norm`` are ``None`` for iteration 0.
+    """
+
+    TYPE: ClassVar[str] = "Iteration"
+    iteration: int
+    nfev: int
+    cost: float
+    cost_reduction: float | None
+    step_norm: float | None
+    optimality: float
+    params: np.ndarray
+    time: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitFinished(_Event):
+    """The fit ended with a result (converged, or not: see ``result["status"]``)."""
+
+    TYPE: ClassVar[str] = "FitFinished"
+    result: dict[str, Any]
+    time: float
+
+    @property
+    def status(self) -> int:
+        return int(self.result.get("status", 0))
+
+    @property
+    def stopped(self) -> bool:
+        """True when the fit was stopped on request (status -2)."""
+        return self.status == -2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitFailed(_Event):
+    """The fit raised: no result. ``error_type`` and ``message`` describe the exception."""
+
+    TYPE: ClassVar[str] = "FitFailed"
+    error_type: str
+    message: str
+    time: float
+
+
+Event = Union[FitStarted, Iteration, FitFinished, FitFailed]
+TERMINAL = (FitFinished, FitFailed)
+_TYPES: dict[str, type[_Event]] = {
+    c.TYPE: c for c in (FitStarted, Iteration, FitFinished, FitFailed)
+}
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+def _require(d: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> Any:
+    if key not in d:
+        raise EventDecodeError(f"missing field {key!r}")
+    v = d[key]
+    if isinstance(v, bool) and bool not in kinds:
+        raise EventDecodeError(f"field {key!r} must be {what}, got {v!r:.40}")
+    if not isinstance(v, kinds):
+        raise EventDecodeError(f"field {key!r} must be {what}, got {type(v).__name__}")
+    return v
+
+
+def _float_list(d: dict[str, Any], key: str) -> np.ndarray:
+    v = _require(d, key, (list,), "a list of numbers")
+    for t in v:
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise EventDecodeError(f"field {key!r} must hold only numbers, got {type(t).__name__}")
+    return np.asarray(v, dtype=np.float64)
+
+
+_NUM = (int, float)
+
+
+def event_from_dict(d: Any) -> Event:
+    """Validate a decoded JSON object and build the event. Raises :class:`EventDecodeError`."""
+    if not isinstance(d, dict):
+        raise EventDecodeError(f"an event must be a JSON object, got {type(d).__name__}")
+    schema = d.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise EventDecodeError(f"unsupported schema {schema!r:.20} (this reader knows {SCHEMA_VERSION})")
+    kind = d.get("type")
+    if kind not in _TYPES:
+        raise EventDecodeError(f"unknown event type {kind!r:.40}")
+    fit_id = _require(d, "fit_id", (str,), "a string")
+    t = _float(_require(d, "time", _NUM, "a number"))
+    if kind == "FitStarted":
+        names = _require(d, "param_names", (list,), "a list of strings")
+        if not all(isinstance(s, str) for s in names):
+            raise EventDecodeError("field 'param_names' must hold only strings")
+        return FitStarted(
+            fit_id,
+            _require(d, "method", (str,), "a string"),
+            int(_require(d, "n_params", (int,), "an integer")),
+            int(_require(d, "n_residuals", (int,), "an integer")),
+            tuple(names),
+            _float_list(d, "x0"),
+            t,
+        )
+    if kind == "Iteration":
+        red = d.get("cost_reduction")
+        step = d.get("step_norm")
+        for key, v in (("cost_reduction", red), ("step_norm", step)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, _NUM)):
+                raise EventDecodeError(f"field {key!r} must be a number or null")
+        return Iteration(
+            fit_id,
+            int(_require(d, "iteration", (int,), "an integer")),
+            int(_require(d, "nfev", (int,), "an integer")),
+            _float(_require(d, "cost", _NUM, "a number")),
+            _opt_float(red),
+            _opt_float(step),
+            _float(_require(d, "optimality", _NUM, "a number")),
+            _float_list(d, "params"),
+            t,
+        )
+    if kind == "FitFinished":
+        result = dict(_require(d, "result", (dict,), "an object"))
+        if "x" in result:
+            result["x"] = _float_list(result, "x")
+        return FitFinished(fit_id, result, t)
+    return FitFailed(
+        fit_id,
+        _require(d, "error_type", (str,), "a string"),
+        _require(d, "message", (str,), "a string"),
+        t,
+    )
+
+
+def event_from_json(line: str | bytes) -> Event:
+    """Parse one line of JSON into an event. Only JSON is ever parsed: never pickle or eval."""
+    if isinstance(line, bytes):
+        if len(line) > MAX_LINE_BYTES:
+            raise EventDecodeError(f"line is {len(line)} bytes, over the {MAX_LINE_BYTES} limit")
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EventDecodeError(f"not UTF-8: {e}") from None
+    if len(line) > MAX_LINE_BYTES:
+        raise EventDecodeError(f"line is {len(line)} characters, over the {MAX_LINE_BYTES} limit")
+    try:
+        d = json.loads(line)
+    except RecursionError:
+        raise EventDecodeError("JSON nested too deeply") from None
+    except ValueError as e:
+        raise EventDecodeError(f"not valid JSON: {e}") from None
+    return event_from_dict(d)
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TERMINAL",
+    "Event",
+    "EventDecodeError",
+    "FitFailed",
+    "FitFinished",
+    "FitStarted",
+    "Iteration",
+    "event_from_dict",
+    "event_from_json",
+]
