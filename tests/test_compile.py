@@ -118,13 +118,6 @@ def as32(*arrays):
     return [np.asarray(a, np.float32) for a in arrays]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: with float32 inputs the default tolerances (1e-8, all below float32 eps) are "
-    "refused ('At least one of ftol, xtol, gtol must be at least machine epsilon') instead of "
-    "being raised to eps as check_tolerances' docstring promises",
-)
 def test_float32_default_tolerances():
     """float32 with scipy's default tolerances converges (they are raised to float32's eps)."""
     x, y, p0 = data(7)

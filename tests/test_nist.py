@@ -92,13 +92,6 @@ def test_start1_trf_solves_whatever_scipy_solves(name: str) -> None:
         assert ours.solved, f"scipy solves it, we do not:\n{theirs.describe()}\n{ours.describe()}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="LM bug: with a rank-deficient Jacobian whose minimum-norm Gauss-Newton step is inside "
-    "the trust region, the subproblem step is stretched to the radius and predicts an increase; "
-    "lm_body's ratio test accepts it (actred < 0, prered < 0) and doubles the radius",
-)
 def test_lm_never_ends_above_its_start() -> None:
     """BoxBOD from Start 1: scipy's MINPACK LM stops at the plateau b2 -> inf (RSS 9771.5); ours
     must at least not climb. Ours currently walks b1 to about -1e24."""

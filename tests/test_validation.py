@@ -102,11 +102,6 @@ def test_inf_in_one_of_two_predictors():
         curve_fit(lambda xx, a, b, c: a * xx[0] + b * xx[1] + c, (X, x2), Y, p0=P0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="unclear message: the model's own TypeError ('f() missing 1 required positional "
-    "argument') escapes from the output-shape trace; it names neither p0 nor the parameters",
-)
 @pytest.mark.parametrize("p0", [[1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], ids=["short", "long"])
 def test_p0_wrong_length(p0):
     with rejected((TypeError, ValueError), r"p0|parameters"):
@@ -114,8 +109,8 @@ def test_p0_wrong_length(p0):
 
 
 def test_p0_wrong_length_for_bounds():
-    """With array bounds the bounds check catches it and names the parameter count."""
-    with rejected(ValueError, r"`bounds`.*shape \(2,\).*2 parameters"):
+    """With array bounds too, the p0 check (which runs first) names p0 and the counts."""
+    with rejected(ValueError, r"`p0` has 2 values but the model .* takes 3 parameters"):
         curve_fit(model, X, Y, p0=[1.0, 1.0], bounds=([0, 0, 0], [5, 5, 5]))
 
 
