@@ -7,6 +7,7 @@ per-iteration records leave the device in batches (``_emitter``), a thread-safe 
 solver never waits for the watchers.
 """
 
+from . import async_logger as async_logger
 from . import events as events
 from . import sinks as sinks
 from ._curve_fit import curve_fit as curve_fit
@@ -34,6 +35,7 @@ __all__ = [
     "OptimizeResult",
     "OptimizeWarning",
     "SinkError",
+    "async_logger",
     "curve_fit",
     "events",
     "fit_stream",
