@@ -15,9 +15,9 @@ import numpy as np
 from jax import Array
 
 from . import _engine, _validate
+from ._engine import STATUS_STOPPED
 from ._least_squares import _strictly_feasible, output_shape
 from ._losses import LOSSES
-from ._engine import STATUS_STOPPED
 from ._pipeline import PreparedFit, check_sinks, run_sync
 from ._result import OptimizeResult, OptimizeWarning
 
@@ -59,49 +59,47 @@ class CurveFitProblem:
 
 def parameter_names(f: Callable[..., Any]) -> list[str] | None:
     """Names of the fit parameters: the model's positional parameters after the first."""
-    try:
-        return _NAMES_CACHE[f]
-    except (KeyError, TypeError):
-        pass
-    names = _parameter_names(f)
-    try:
-        if len(_NAMES_CACHE) > 256:
-            _NAMES_CACHE.clear()
-        _NAMES_CACHE[f] = names
-    except TypeError:
-        pass
-    return names
-
-
-_NAMES_CACHE: dict[Any, list[str] | None] = {}
-
-
-def _parameter_names(f: Callable[..., Any]) -> list[str] | None:
-    try:
-        sig = inspect.signature(f)
-    except (TypeError, ValueError):
-        return None
-    params = list(sig.parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return None
-    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(pos) < 2:
-        return None
-    return [p.name for p in pos[1:]]
+    return _signature_info(f)[0]
 
 
 def _positional_counts(f: Callable[..., Any]) -> tuple[int, int] | None:
     """(required, total) fit parameters in f's signature, or None when it cannot be told."""
+    return _signature_info(f)[1]
+
+
+_SIGNATURES: dict[Any, tuple[list[str] | None, tuple[int, int] | None]] = {}
+
+
+def _signature_info(f: Callable[..., Any]) -> tuple[list[str] | None, tuple[int, int] | None]:
+    """Parameter names and counts from f's signature, cached per model (inspect is slow)."""
+    try:
+        return _SIGNATURES[f]
+    except (KeyError, TypeError):
+        pass
+    info = _read_signature(f)
+    try:
+        if len(_SIGNATURES) > 256:
+            _SIGNATURES.clear()
+        _SIGNATURES[f] = info
+    except TypeError:
+        pass
+    return info
+
+
+def _read_signature(f: Callable[..., Any]) -> tuple[list[str] | None, tuple[int, int] | None]:
     try:
         sig = inspect.signature(f)
     except (TypeError, ValueError):
-        return None
+        return None, None
     params = list(sig.parameters.values())
     if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return None
-    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
-    required = sum(1 for p in pos if p.default is p.empty)
-    return required, len(pos)
+        return None, None
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(pos) < 2:
+        return None, (0, 0) if len(pos) == 1 else None
+    fit = pos[1:]
+    required = sum(1 for p in fit if p.default is p.empty)
+    return [p.name for p in fit], (required, len(fit))
 
 
 def _initialize_feasible(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
@@ -116,6 +114,7 @@ def _initialize_feasible(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
 
 
 def _as_data_array(name: str, value: Any, dtype: np.dtype[Any], check_finite: bool) -> Any:
+    arr: Any
     if isinstance(value, jax.Array):
         arr = value
         host = None
@@ -124,13 +123,21 @@ def _as_data_array(name: str, value: Any, dtype: np.dtype[Any], check_finite: bo
             host = np.asarray(value)
         except (TypeError, ValueError) as e:
             raise TypeError(f"`{name}` must be an array of numbers, got {value!r:.60}") from e
-        if not (np.issubdtype(host.dtype, np.number) or host.dtype == np.bool_) or np.iscomplexobj(host):
+        if not (np.issubdtype(host.dtype, np.number) or host.dtype == np.bool_) or np.iscomplexobj(
+            host
+        ):
             raise TypeError(f"`{name}` must hold real numbers, got dtype {host.dtype}")
         arr = host.astype(dtype, copy=False)
     if check_finite:
-        ok = bool(np.all(np.isfinite(host))) if host is not None else bool(jnp.all(jnp.isfinite(arr)))
+        ok = (
+            bool(np.all(np.isfinite(host)))
+            if host is not None
+            else bool(jnp.all(jnp.isfinite(arr)))
+        )
         if not ok:
-            raise ValueError(f"`{name}` must not contain NaN or inf (pass check_finite=False to skip)")
+            raise ValueError(
+                f"`{name}` must not contain NaN or inf (pass check_finite=False to skip)"
+            )
     return arr
 
 
@@ -172,7 +179,9 @@ def _prepare_sigma(sigma: Any, m: int, dtype: np.dtype[Any]) -> tuple[str, np.nd
     if s.size == 1 or s.shape == (m,):
         s = np.broadcast_to(s.reshape(-1), (m,)) if s.size == 1 else s
         if not np.all(np.isfinite(s)) or np.any(s <= 0):
-            raise ValueError("`sigma` must be positive and finite (1-D sigma holds standard deviations)")
+            raise ValueError(
+                "`sigma` must be positive and finite (1-D sigma holds standard deviations)"
+            )
         return "1d", (1.0 / s).astype(dtype)
     if s.shape == (m, m):
         if not np.all(np.isfinite(s)):
@@ -290,7 +299,8 @@ def prepare_curve_fit(
     unknown = sorted(set(kwargs) - set(_LS_KWARGS))
     if unknown:
         raise TypeError(
-            f"curve_fit() got unexpected keyword argument(s) {unknown}; accepted: {list(_LS_KWARGS)}"
+            f"curve_fit() got unexpected keyword argument(s) {unknown}; "
+            f"accepted: {list(_LS_KWARGS)}"
         )
     names = parameter_names(f)
     if p0 is None:
@@ -369,6 +379,7 @@ def prepare_curve_fit(
         )
     if has_bounds:
         p0a = _strictly_feasible(p0a, lb, ub)
+
     def finalize(res: OptimizeResult) -> None:
         pcov, warn = covariance(res, m, n, absolute_sigma)
         res["popt"] = np.asarray(res.x)
@@ -377,7 +388,9 @@ def prepare_curve_fit(
 
     return PreparedFit(
         problem=problem,
-        config_kw=dict(method=method, loss=loss, has_bounds=has_bounds, jac_scale=isinstance(xs, str)),
+        config_kw=dict(
+            method=method, loss=loss, has_bounds=has_bounds, jac_scale=isinstance(xs, str)
+        ),
         x0=p0a,
         lb=lb,
         ub=ub,
@@ -389,8 +402,8 @@ def prepare_curve_fit(
         verbose=verbose,
         sinks=sinks,
         n_residuals=m,
-        param_names=tuple(names) if names is not None and len(names) == n else tuple(
-            f"p{i}" for i in range(n)
-        ),
+        param_names=tuple(names)
+        if names is not None and len(names) == n
+        else tuple(f"p{i}" for i in range(n)),
         finalize=finalize,
     )

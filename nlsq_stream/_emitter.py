@@ -36,7 +36,7 @@ ROW_HEAD = 6  # iteration, nfev, cost, cost_reduction, step_norm, optimality; th
 
 class EmitState(NamedTuple):
     buf: Array  # (K_MAX, ROW_HEAD + n)
-    count: Array  # rows filled
+    filled: Array  # rows filled
     k: Array  # flush when count reaches k
     stop: Array  # the host asked the fit to stop
 
@@ -52,7 +52,7 @@ class Emitter:
     def init(self, token: Array, n: int, dtype: Any) -> EmitState:
         return EmitState(
             buf=jnp.zeros((self.k_max, ROW_HEAD + n), dtype),
-            count=jnp.zeros((), jnp.int32),
+            filled=jnp.zeros((), jnp.int32),
             k=jnp.ones((), jnp.int32),
             stop=jnp.zeros((), jnp.bool_),
         )
@@ -78,11 +78,13 @@ class Emitter:
             wanted = done
         else:
             wanted = done & ((nit % 10 == 0) | final)
-        head = jnp.stack([nit.astype(dtype), nfev.astype(dtype), cost, reduction, step_norm, optimality])
+        head = jnp.stack(
+            [nit.astype(dtype), nfev.astype(dtype), cost, reduction, step_norm, optimality]
+        )
         row = jnp.concatenate([head.astype(dtype), x.astype(dtype)])
-        idx = jnp.minimum(st.count, self.k_max - 1)
+        idx = jnp.minimum(st.filled, self.k_max - 1)
         buf = st.buf.at[idx].set(jnp.where(wanted, row, st.buf[idx]))
-        count = st.count + wanted.astype(jnp.int32)
+        count = st.filled + wanted.astype(jnp.int32)
         # The final rows are flushed after the loop, so a terminal iteration never flushes here.
         full = (count >= st.k) & ~final
 
@@ -94,11 +96,11 @@ class Emitter:
 
         k, stop = lax.cond(full, flush, keep, None)
         count = jnp.where(full, 0, count)
-        return EmitState(buf=buf, count=count, k=k, stop=stop | st.stop)
+        return EmitState(buf=buf, filled=count, k=k, stop=stop | st.stop)
 
     def flush(self, st: EmitState, token: Array) -> Array:
         """Deliver the last partial batch (always called once, after the loop)."""
-        k, _ = _host_flush(token, st.buf, st.count)
+        k, _ = _host_flush(token, st.buf, st.filled)
         return k
 
 
@@ -159,7 +161,7 @@ _TOKENS = itertools.count(1)
 _CHANNELS: dict[int, Channel] = {}
 
 
-def _on_flush(token: Any, buf: Any, count: Any) -> tuple[np.ndarray, np.ndarray]:
+def _on_flush(token: Any, buf: Any, count: Any) -> tuple[Any, Any]:
     # Runs on an XLA thread: numpy only, never jnp, never block.
     tok = int(np.asarray(token))
     n = int(np.asarray(count))

@@ -119,8 +119,7 @@ def _pack(st: State, m: int) -> Array:
     cov = (vt.T * inv_s2[None, :]) @ vt
     cov = jnp.where(jnp.any(keep), cov, jnp.nan)
     scalars = jnp.stack(
-        [st.cost, st.g_norm]
-        + [v.astype(dtype) for v in (st.nfev, st.njev, st.nit, st.status)]
+        [st.cost, st.g_norm] + [v.astype(dtype) for v in (st.nfev, st.njev, st.nit, st.status)]
     )
     return jnp.concatenate([st.x, st.g, cov.reshape(-1), scalars])
 
@@ -131,8 +130,15 @@ def unpack(packed: np.ndarray, n: int) -> dict[str, Any]:
     cov = packed[2 * n : 2 * n + n * n].reshape(n, n)
     cost, g_norm, nfev, njev, nit, status = packed[2 * n + n * n :].tolist()
     return dict(
-        x=x, grad=g, cov=cov, cost=cost, optimality=g_norm, nfev=int(nfev), njev=int(njev),
-        nit=int(nit), status=int(status),
+        x=x,
+        grad=g,
+        cov=cov,
+        cost=cost,
+        optimality=g_norm,
+        nfev=int(nfev),
+        njev=int(njev),
+        nit=int(nit),
+        status=int(status),
     )
 
 
@@ -252,8 +258,17 @@ def solve(
     if emitter is not None:
         emit0 = emitter.init(emit_args, n, dtype)
         emit0 = emitter.record(
-            emit0, emit_args, jnp.zeros((), jnp.int32), one_i, ev0.cost, zero, zero, g_norm0, x0,
-            jnp.ones((), jnp.bool_), status0,
+            emit0,
+            emit_args,
+            jnp.zeros((), jnp.int32),
+            one_i,
+            ev0.cost,
+            zero,
+            zero,
+            g_norm0,
+            x0,
+            jnp.ones((), jnp.bool_),
+            status0,
         )
         status0 = jnp.where((status0 == RUNNING) & emit0.stop, STATUS_STOPPED, status0)
     state = State(
@@ -280,8 +295,18 @@ def solve(
         return st.status == RUNNING
 
     def finish_iteration(
-        st: State, done: Array, accept: Array, x_new: Array, ev: Evaluation, nfev: Array,
-        delta: Array, alpha: Array, term: Array, reduction: Array, step_norm: Array, xnorm: Array,
+        st: State,
+        done: Array,
+        accept: Array,
+        x_new: Array,
+        ev: Evaluation,
+        nfev: Array,
+        delta: Array,
+        alpha: Array,
+        term: Array,
+        reduction: Array,
+        step_norm: Array,
+        xnorm: Array,
     ) -> State:
         """Commit an accepted trial and, at the end of an outer iteration, test for convergence."""
         x = jnp.where(accept, x_new, st.x)
@@ -314,9 +339,23 @@ def solve(
             )
             status = jnp.where((status == RUNNING) & emit.stop, STATUS_STOPPED, status)
         return State(
-            x=x, cost=cost, r=r, qtf=qtf, g=g, scale_inv=scale_inv, delta=delta, alpha=alpha,
-            nfev=nfev, njev=njev, nit=nit, status=status, g_norm=g_norm, reduction=reduction,
-            step_norm=step_norm, xnorm=xnorm, emit=emit,
+            x=x,
+            cost=cost,
+            r=r,
+            qtf=qtf,
+            g=g,
+            scale_inv=scale_inv,
+            delta=delta,
+            alpha=alpha,
+            nfev=nfev,
+            njev=njev,
+            nit=nit,
+            status=status,
+            g_norm=g_norm,
+            reduction=reduction,
+            step_norm=step_norm,
+            xnorm=xnorm,
+            emit=emit,
         )
 
     def trf_body(st: State) -> State:
@@ -367,12 +406,12 @@ def solve(
         step_norm = jnp.linalg.norm(step)
         ftol_ok = (actual < ftol * st.cost) & (ratio > 0.25)
         xtol_ok = step_norm < xtol * (xtol + jnp.linalg.norm(x))
-        term = jnp.where(ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING)))
+        term = jnp.where(
+            ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING))
+        )
         term = jnp.where(ev.finite, term, RUNNING)
         terminated = term != RUNNING
-        delta = jnp.where(
-            ev.finite, jnp.where(terminated, st.delta, delta_new), 0.25 * step_h_norm
-        )
+        delta = jnp.where(ev.finite, jnp.where(terminated, st.delta, delta_new), 0.25 * step_h_norm)
         alpha = jnp.where(
             ev.finite & ~terminated,
             alpha * st.delta / jnp.where(delta_new > 0, delta_new, 1.0),
@@ -408,9 +447,7 @@ def solve(
         ratio = jnp.where(prered > 0, actred / jnp.where(prered > 0, prered, 1.0), 0.0)
         small = ratio <= 0.25
         denom = dirder + 0.5 * actred
-        temp = jnp.where(
-            actred >= 0, 0.5, 0.5 * dirder / jnp.where(denom != 0, denom, 1.0)
-        )
+        temp = jnp.where(actred >= 0, 0.5, 0.5 * dirder / jnp.where(denom != 0, denom, 1.0))
         temp = jnp.where(~close | (temp < 0.1), 0.1, temp)
         grow = (~small) & ((alpha == 0) | (ratio >= 0.75))
         delta = jnp.where(
@@ -422,7 +459,9 @@ def solve(
         eps = jnp.finfo(dtype).eps
         ftol_ok = (jnp.abs(actred) <= ftol) & (prered <= ftol) & (0.5 * ratio <= 1.0)
         xtol_ok = delta <= xtol * xnorm
-        term = jnp.where(ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING)))
+        term = jnp.where(
+            ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING))
+        )
         # MINPACK's "tolerance too small" exits (info 6, 7): nothing more can be gained.
         ftol_eps = (jnp.abs(actred) <= eps) & (prered <= eps) & (0.5 * ratio <= 1.0)
         term = jnp.where(term != RUNNING, term, jnp.where(ftol_eps, 2, term))

@@ -80,11 +80,11 @@ def rows_to_iterations(fit_id: str, rows: Any, t: float) -> list[Event]:
 
 
 def _scheduler(token: anyio.lowlevel.EventLoopToken) -> Callable[..., None]:
-    native = token.native_token
+    native: Any = token.native_token
     if hasattr(native, "call_soon_threadsafe"):  # asyncio loop
-        return native.call_soon_threadsafe  # type: ignore[no-any-return]
+        return native.call_soon_threadsafe
     if hasattr(native, "run_sync_soon"):  # trio token
-        return native.run_sync_soon  # type: ignore[no-any-return]
+        return native.run_sync_soon
     raise RuntimeError(f"unsupported event loop token {native!r}")
 
 

@@ -44,10 +44,12 @@ class LeastSquaresProblem:
         return self.residual(x, data), j.reshape(-1, x.shape[0]).T
 
 
-def output_shape(problem: Any, x0: np.ndarray, data: Any, raw: Callable[..., Any]) -> tuple[int, ...]:
+def output_shape(
+    problem: Any, x0: np.ndarray, data: Any, raw: Callable[..., Any]
+) -> tuple[int, ...]:
     """Shape of ``raw(x, data)`` found by tracing once per (problem, shapes, dtypes)."""
     leaves, treedef = jax.tree_util.tree_flatten(data)
-    key = (
+    key: Any = (
         problem,
         treedef,
         x0.shape,
@@ -136,7 +138,9 @@ def run(
     )
 
 
-def find_active_constraints(x: np.ndarray, lb: np.ndarray, ub: np.ndarray, rtol: float) -> np.ndarray:
+def find_active_constraints(
+    x: np.ndarray, lb: np.ndarray, ub: np.ndarray, rtol: float
+) -> np.ndarray:
     """-1/0/1 per parameter for lower-active/free/upper-active, as scipy reports ``active_mask``."""
     active = np.zeros(x.shape, dtype=int)
     lower_dist = x - lb
@@ -185,13 +189,28 @@ def least_squares(
     :raises ValueError, TypeError: for bad arguments, before anything is compiled.
 
     >>> import jax.numpy as jnp
-    >>> res = least_squares(lambda x: jnp.array([x[0] - 1.0, 10.0 * (x[1] - x[0] ** 2)]), [0.0, 0.0])
+    >>> rosen = lambda x: jnp.array([x[0] - 1.0, 10.0 * (x[1] - x[0] ** 2)])
+    >>> res = least_squares(rosen, [0.0, 0.0])
     >>> [round(float(v), 6) for v in res.x]
     [1.0, 1.0]
     """
     prep = prepare_least_squares(
-        fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, loss, f_scale, max_nfev, args,
-        kwargs, verbose, sinks,
+        fun,
+        x0,
+        jac,
+        bounds,
+        method,
+        ftol,
+        xtol,
+        gtol,
+        x_scale,
+        loss,
+        f_scale,
+        max_nfev,
+        args,
+        kwargs,
+        verbose,
+        sinks,
     )
     return run_sync(prep)
 
@@ -272,7 +291,9 @@ def prepare_least_squares(
     )
 
 
-def _strictly_feasible(x: np.ndarray, lb: np.ndarray, ub: np.ndarray, rstep: float = 1e-10) -> np.ndarray:
+def _strictly_feasible(
+    x: np.ndarray, lb: np.ndarray, ub: np.ndarray, rstep: float = 1e-10
+) -> np.ndarray:
     """Move a start on a bound slightly inside, as scipy's TRF does before it starts."""
     x = x.copy()
     lo = x <= lb

@@ -91,16 +91,33 @@ def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -
     if level == 0 or channel is None:
         config = _engine.Config(**prep.config_kw)
         res = run(
-            prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale, prep.tols,
-            prep.f_scale, prep.max_nfev,
+            prep.problem,
+            config,
+            prep.x0,
+            prep.lb,
+            prep.ub,
+            prep.data,
+            prep.x_scale,
+            prep.tols,
+            prep.f_scale,
+            prep.max_nfev,
         )
     else:
         config = _engine.Config(**prep.config_kw, emitter=Emitter(level))
         with channel:
             channel.reset_clock()
             res = run(
-                prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale,
-                prep.tols, prep.f_scale, prep.max_nfev, np.int32(channel.token),
+                prep.problem,
+                config,
+                prep.x0,
+                prep.lb,
+                prep.ub,
+                prep.data,
+                prep.x_scale,
+                prep.tols,
+                prep.f_scale,
+                prep.max_nfev,
+                np.int32(channel.token),
             )
         if channel.interrupt is not None:
             raise channel.interrupt

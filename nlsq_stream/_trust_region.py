@@ -8,6 +8,8 @@ once per evaluation, so every function below costs O(n^3) whatever the number of
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 from jax import Array, lax
 
@@ -53,13 +55,11 @@ def solve_subproblem(
     use_restart = (~full_rank) & (alpha == 0)
     a0 = jnp.where(use_restart, restart_value(alpha_lower, alpha_upper), alpha)
 
-    def cond(carry: tuple[Array, Array, Array, Array, Array]) -> Array:
+    def cond(carry: tuple[Any, ...]) -> Array:
         i, _, _, _, done = carry
         return (i < max_iter) & ~done
 
-    def body(
-        carry: tuple[Array, Array, Array, Array, Array],
-    ) -> tuple[Array, Array, Array, Array, Array]:
+    def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
         i, a, lo, hi, _ = carry
         a = jnp.where((a < lo) | (a > hi), restart_value(lo, hi), a)
         phi, dphi = phi_and_derivative(a)
@@ -103,7 +103,7 @@ def _quadratic_1d(
 
 
 def _minimize_quadratic_1d(
-    a: Array, b: Array, lo: Array, hi: Array, c: Array
+    a: Array, b: Array, lo: Array, hi: Array, c: Array | float
 ) -> tuple[Array, Array]:
     safe_a = jnp.where(a != 0, a, 1.0)
     ext = -0.5 * b / safe_a
@@ -234,4 +234,3 @@ __all__ = [
     "solve_subproblem",
     "step_size_to_bound",
 ]
-

@@ -7,6 +7,7 @@ names the argument and says what was expected.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,7 +45,7 @@ def check_loss(loss: Any, losses: tuple[str, ...]) -> str:
     return loss
 
 
-def check_jac(jac: Any) -> Any:
+def check_jac(jac: Any) -> Callable[..., Any] | None:
     if jac is None or callable(jac):
         return jac
     if isinstance(jac, str) and jac in JAC_STRINGS:
@@ -63,7 +64,9 @@ def check_positive_scalar(name: str, value: Any) -> float:
     return v
 
 
-def check_tolerances(ftol: Any, xtol: Any, gtol: Any, dtype: np.dtype[Any]) -> tuple[float, ...]:
+def check_tolerances(
+    ftol: Any, xtol: Any, gtol: Any, dtype: np.dtype[Any]
+) -> tuple[float, float, float]:
     """Non-negative tolerances; those below the dtype's epsilon are raised to it.
 
     Below epsilon a test can never pass (scipy warns and disables it). Raising it to epsilon keeps
@@ -82,7 +85,8 @@ def check_tolerances(ftol: Any, xtol: Any, gtol: Any, dtype: np.dtype[Any]) -> t
         out.append(v)
     if all(v == 0 for v in out):
         raise ValueError("At least one of `ftol`, `xtol`, `gtol` must be positive")
-    return tuple(max(v, eps) if v > 0 else v for v in out)
+    a, b, c = (max(v, eps) if v > 0 else v for v in out)
+    return a, b, c
 
 
 def check_max_nfev(max_nfev: Any, default: int) -> int:
@@ -168,12 +172,16 @@ def check_in_bounds(name: str, x0: np.ndarray, lb: np.ndarray, ub: np.ndarray) -
 def check_x_scale(x_scale: Any, n: int, dtype: np.dtype[Any]) -> np.ndarray | str:
     if isinstance(x_scale, str):
         if x_scale != "jac":
-            raise ValueError(f"`x_scale` must be 'jac', a positive number or array, got {x_scale!r}")
+            raise ValueError(
+                f"`x_scale` must be 'jac', a positive number or array, got {x_scale!r}"
+            )
         return x_scale
     try:
         arr = np.asarray(x_scale, dtype=dtype)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"`x_scale` must be 'jac', a positive number or array, got {x_scale!r}") from e
+        raise TypeError(
+            f"`x_scale` must be 'jac', a positive number or array, got {x_scale!r}"
+        ) from e
     if arr.ndim == 0:
         arr = np.full(n, arr, dtype=dtype)
     if arr.shape != (n,):

@@ -58,8 +58,13 @@ def _host_iteration(message: str, iteration: Any, cost: Any, gnorm: Any) -> None
         ev = Iteration(FIT_ID, it, -1, c, None, None, g, np.empty(0), time.time())
         HUB.publish(Batch(FIT_ID, [ev]))
     else:
-        logger.info("Iteration %d: cost=%.6e, gradient_norm=%.6e%s", it, c, g,
-                    f" {message}" if message else "")
+        logger.info(
+            "Iteration %d: cost=%.6e, gradient_norm=%.6e%s",
+            it,
+            c,
+            g,
+            f" {message}" if message else "",
+        )
 
 
 def log_iteration_async(
@@ -100,7 +105,11 @@ def _host_convergence(reason: str, iterations: Any, cost: Any, secs: Any, gnorm:
     else:
         logger.info(
             "Converged: %s after %d iterations, final cost=%.6e, time=%.3fs, gradient_norm=%.6e",
-            reason, result["nit"], result["cost"], result["time_sec"], result["optimality"],
+            reason,
+            result["nit"],
+            result["cost"],
+            result["time_sec"],
+            result["optimality"],
         )
 
 

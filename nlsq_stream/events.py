@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -164,7 +164,7 @@ class FitFailed(_Event):
     time: float
 
 
-Event = Union[FitStarted, Iteration, FitFinished, FitFailed]
+Event = FitStarted | Iteration | FitFinished | FitFailed
 TERMINAL = (FitFinished, FitFailed)
 _TYPES: dict[str, type[_Event]] = {
     c.TYPE: c for c in (FitStarted, Iteration, FitFinished, FitFailed)
@@ -200,7 +200,9 @@ def event_from_dict(d: Any) -> Event:
         raise EventDecodeError(f"an event must be a JSON object, got {type(d).__name__}")
     schema = d.get("schema")
     if schema != SCHEMA_VERSION:
-        raise EventDecodeError(f"unsupported schema {schema!r:.20} (this reader knows {SCHEMA_VERSION})")
+        raise EventDecodeError(
+            f"unsupported schema {schema!r:.20} (this reader knows {SCHEMA_VERSION})"
+        )
     kind = d.get("type")
     if kind not in _TYPES:
         raise EventDecodeError(f"unknown event type {kind!r:.40}")
