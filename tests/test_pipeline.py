@@ -1,0 +1,57 @@
+"""The sync face: curve_fit(verbose=2) from plain code and from inside a running event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import trio
+
+from nlsq_stream import curve_fit, least_squares
+from nlsq_stream.sinks import HEADER
+
+
+def model(x, a, b, c):
+    return a * jnp.exp(-b * x) + c
+
+
+X = np.linspace(0, 5, 500)
+Y = 2.5 * np.exp(-1.3 * X) + 0.5 + 0.01 * np.cos(9 * X)
+
+
+def _threads():
+    return {t for t in threading.enumerate()}
+
+
+def _check_table(out: str, nit: int) -> None:
+    lines = out.strip("\n").splitlines()
+    assert lines[0] == HEADER
+    rows = lines[1 : 1 + nit + 1]
+    assert [int(r[:15]) for r in rows] == list(range(nit + 1))
+    assert lines[-1].startswith("Function evaluations ")
+
+
+@pytest.mark.parametrize("runner", ["asyncio", "trio"])
+def test_sync_face_works_inside_a_running_event_loop(capsys, runner):
+    """Jupyter runs cells inside an event loop; the sync face must not need that loop."""
+    before = _threads()
+
+    async def main():
+        return curve_fit(model, X, Y, p0=[1.0, 1.0, 0.0], verbose=2, full_output=True)
+
+    popt, _, info, _, _ = asyncio.run(main()) if runner == "asyncio" else trio.run(main)
+    _check_table(capsys.readouterr().out, info["nit"])
+    ref, _ = curve_fit(model, X, Y, p0=[1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(popt, ref)
+    assert _threads() == before
+
+
+def test_least_squares_verbose_prints_the_same_table(capsys):
+    before = _threads()
+    res = least_squares(lambda p: model(X, *p) - Y, [1.0, 1.0, 0.0], verbose=2)
+    _check_table(capsys.readouterr().out, res.nit)
+    assert res.sink_errors == []
+    assert _threads() == before
