@@ -10,6 +10,8 @@ solver never waits for the watchers.
 from . import async_logger as async_logger
 from . import events as events
 from . import sinks as sinks
+from .replay import ReplayWarning as ReplayWarning
+from .replay import replay as replay
 from ._curve_fit import curve_fit as curve_fit
 from ._least_squares import least_squares as least_squares
 from ._pipeline import FitError as FitError
@@ -34,6 +36,7 @@ __all__ = [
     "Iteration",
     "OptimizeResult",
     "OptimizeWarning",
+    "ReplayWarning",
     "SinkError",
     "async_logger",
     "curve_fit",
@@ -41,6 +44,7 @@ __all__ = [
     "fit_stream",
     "least_squares",
     "least_squares_stream",
+    "replay",
     "sinks",
     "subscribe",
 ]
