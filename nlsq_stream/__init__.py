@@ -10,8 +10,6 @@ solver never waits for the watchers.
 from . import async_logger as async_logger
 from . import events as events
 from . import sinks as sinks
-from .replay import ReplayWarning as ReplayWarning
-from .replay import replay as replay
 from ._curve_fit import curve_fit as curve_fit
 from ._least_squares import least_squares as least_squares
 from ._pipeline import FitError as FitError
@@ -26,6 +24,8 @@ from .events import FitFailed as FitFailed
 from .events import FitFinished as FitFinished
 from .events import FitStarted as FitStarted
 from .events import Iteration as Iteration
+from .replay import ReplayWarning as ReplayWarning
+from .replay import replay as replay
 
 __all__ = [
     "FitError",

@@ -10,3 +10,153 @@ jax.config.update("jax_enable_x64", True)
 
 # CI clones the repository next to a read-only copy of shared/; tests read NIST's files there.
 NIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nist"
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming tests: both async backends, and proof that nothing (thread, task) is left behind.
+# ---------------------------------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Threads that belong to the test harness, not to nlsq_stream: anyio's pytest plugin drives trio
+# in guest mode, whose blocking I/O wait runs in a worker of trio's thread cache ("Trio thread N");
+# that worker idles up to 10 s after the test's trio run ended. nlsq_stream itself never uses trio
+# threads (its fit runs in a plain ``threading.Thread``, its sinks in an asyncio blocking portal),
+# so ignoring them cannot hide a leak of ours.
+HARNESS_THREAD_PREFIXES = ("Trio thread ",)
+THREAD_GRACE_S = 2.0
+
+
+def _live_threads() -> set[threading.Thread]:
+    return {
+        t
+        for t in threading.enumerate()
+        if t.is_alive() and not t.name.startswith(HARNESS_THREAD_PREFIXES)
+    }
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every ``@pytest.mark.anyio`` test runs on asyncio and on trio."""
+    return request.param
+
+
+@pytest.fixture
+def no_leftover_threads():
+    """Fail the test if it leaves a thread running (after up to ``THREAD_GRACE_S`` of polling).
+
+    The set of live threads after the test must equal the set before it; the failure message names
+    the leftover threads. Applied to the streaming modules with ``pytestmark``.
+    """
+    before = _live_threads()
+    yield
+    deadline = time.monotonic() + THREAD_GRACE_S
+    while True:
+        after = _live_threads()
+        if after == before or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    leftover = sorted(t.name for t in after - before)
+    gone = sorted(t.name for t in before - after)
+    assert after == before, f"threads left behind: {leftover}; threads that vanished: {gone}"
+
+
+def _current_task() -> object:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # not in asyncio: trio
+        import trio
+
+        return trio.lowlevel.current_task()
+
+
+def live_tasks() -> set[object]:
+    """Every task alive in the running event loop except the calling one (asyncio or trio).
+
+    On trio, tasks are found by walking the task tree from the root task through every nursery.
+    """
+    try:
+        loop_tasks = asyncio.all_tasks()
+    except RuntimeError:  # no running asyncio loop: we are on trio
+        import trio
+
+        found: set[object] = set()
+        stack = [trio.lowlevel.current_root_task()]
+        while stack:
+            task = stack.pop()
+            found.add(task)
+            for nursery in task.child_nurseries:
+                stack.extend(nursery.child_tasks)
+        tasks: set[object] = found
+    else:
+        tasks = {t for t in loop_tasks if not t.done()}
+    tasks.discard(_current_task())
+    return tasks
+
+
+async def assert_no_leftover_tasks(before: set[object], grace: float = THREAD_GRACE_S) -> None:
+    """Await at the end of an async test: no task may outlive the test body.
+
+    ``before`` is ``live_tasks()`` taken at the start of the test. Tasks that are about to end get
+    up to ``grace`` seconds (the loop keeps running meanwhile).
+    """
+    import anyio
+
+    deadline = time.monotonic() + grace
+    while True:
+        extra = live_tasks() - before
+        if not extra or time.monotonic() > deadline:
+            break
+        await anyio.sleep(0.01)
+    names = sorted(
+        (t.get_name() if isinstance(t, asyncio.Task) else getattr(t, "name", repr(t)))
+        for t in extra
+    )
+    assert not extra, f"tasks left behind: {names}"
+
+
+# Small fits shared by the streaming modules: module-level functions, so that every module reuses
+# the same compiled solvers.
+
+
+def decay_model(x, a, b, c):
+    """a exp(-b x) + c, the curve_fit model of the streaming tests."""
+    import jax.numpy as jnp
+
+    return a * jnp.exp(-b * x) + c
+
+
+def decay_data(m: int = 2000, seed: int = 0):
+    """``(x, y, p0)`` for ``decay_model``: a 6-iteration fit from ``p0 = [1, 1, 0]``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0.0, 4.0, m)
+    y = 2.0 * np.exp(-0.7 * x) + 0.3 + 0.01 * rng.standard_normal(m)
+    return x, y, np.array([1.0, 1.0, 0.0])
+
+
+def slow_residual(p, w, lam):
+    """Dennis & Schnabel's slow Gauss-Newton example, repeated over a weight vector ``w``.
+
+    Residuals ``w (x + 1)`` and ``w (lam x^2 + x - 1)``: the minimum at x = 0 has a large residual,
+    so Gauss-Newton (and TRF) converges only linearly, with rate ``lam``. ``lam = 0.9999`` with
+    tight tolerances takes about 5000 iterations; ``w``'s length sets the cost of one iteration.
+    """
+    import jax.numpy as jnp
+
+    x = p[0]
+    return jnp.concatenate([w * (x + 1.0), w * (lam * x**2 + x - 1.0)])
+
+
+def slow_args(m: int, lam: float = 0.9999):
+    import numpy as np
+
+    return (np.full(m, 1.0 / np.sqrt(m)), lam)
+
+
+SLOW_TOLS = dict(ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=100_000)
