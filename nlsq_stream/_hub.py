@@ -111,6 +111,7 @@ class Subscription:
         self._side: collections.deque[Event] = collections.deque()
         self._ended = False  # the terminal event went into the stream (or we closed)
         self._dead = False  # the consumer's loop is gone
+        self._hub: Hub | None = None
 
     # -- producer side (any thread) ------------------------------------------------------------
     def offer(self, batch: Batch) -> None:
@@ -149,15 +150,22 @@ class Subscription:
             if self.fit_id is not None and isinstance(ev, TERMINAL):
                 self._ended = True
                 self._send.close()
+                if self._hub is not None:  # a finished fit needs no routing any more
+                    self._hub.unsubscribe(self)
 
     async def receive(self) -> Event:
-        ev = await self._recv.receive()
-        self.received += 1
-        self._refill()
-        return ev
+        return self._received(await self._recv.receive())
 
     def receive_nowait(self) -> Event:
-        ev = self._recv.receive_nowait()
+        return self._received(self._recv.receive_nowait())
+
+    def _received(self, ev: Event) -> Event:
+        # Under "latest" an Iteration that waited in the stream is stale if a newer one waits
+        # beside it: hand out the newer one instead, so at most one Iteration ever waits.
+        if self.policy == "latest" and isinstance(ev, Iteration):
+            if self._side and isinstance(self._side[0], Iteration):
+                ev = self._side.popleft()
+                self.skipped += 1
         self.received += 1
         self._refill()
         return ev
@@ -189,6 +197,7 @@ class Hub:
     def subscribe(self, sub: Subscription) -> Subscription:
         with self._lock:
             self._subs = (*self._subs, sub)
+        sub._hub = self
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

@@ -151,15 +151,22 @@ def describe(error: BaseException | None) -> str:
     return msg
 
 
-def default_sinks(verbose: int) -> list[Any]:
-    from .sinks import default_display
+def with_display(sinks: Sequence[Any], verbose: int) -> list[Any]:
+    """``sinks`` plus, when ``verbose``, the default display (the console table), unless a sink
+    of that kind is already given (e.g. ``ConsoleSink(file=...)`` to send the table elsewhere)."""
+    out = list(sinks)
+    if verbose:
+        from .sinks import default_display
 
-    return [default_display()] if verbose else []
+        display = default_display()
+        if not any(type(s) is type(display) for s in out):
+            out.insert(0, display)
+    return out
 
 
 def run_sync(prep: PreparedFit) -> OptimizeResult:
     """The sync face: silent when not watched, else the same pipeline ``fit_stream`` uses."""
-    sinks = list(prep.sinks) or (default_sinks(prep.verbose) if prep.verbose else [])
+    sinks = with_display(prep.sinks, prep.verbose)
     if not sinks:
         return execute(prep)
     from ._stream import SinkRunner

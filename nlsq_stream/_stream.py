@@ -27,6 +27,7 @@ from ._pipeline import (
     hub_channel,
     new_fit_id,
     publish_terminal,
+    with_display,
 )
 from ._result import OptimizeResult
 from .events import TERMINAL, Event, FitFailed
@@ -141,10 +142,13 @@ class SinkRunner:
         return self._all_done.wait(timeout)
 
     def __exit__(self, *exc: object) -> None:
+        if self._cm is None:
+            return
         for f in self._futures:
             if not f.done():
                 f.cancel()
-        self._cm.__exit__(None, None, None)
+        cm, self._cm = self._cm, None
+        cm.__exit__(None, None, None)
 
 
 class FitStream:
@@ -159,7 +163,7 @@ class FitStream:
     def __init__(self, prep: PreparedFit, policy: Policy, sinks: Sequence[Any]) -> None:
         self._prep = prep
         self._policy = policy
-        self._sinks = list(sinks)
+        self._sinks = with_display(sinks, prep.verbose)
         self.fit_id = new_fit_id()
         self.result: OptimizeResult | None = None
         self.error: BaseException | None = None
@@ -221,6 +225,13 @@ class FitStream:
             self.error = e
         finally:
             publish_terminal(self.fit_id, res, self.error)
+            # Sinks finish on their own after the terminal event; closing their loop here means
+            # nothing waits for the consumer (who may have broken out of a plain ``async for``).
+            if self._runner is not None:
+                self._runner.wait()
+                self._runner.__exit__(None, None, None)
+                if res is not None:
+                    res["sink_errors"] = list(self._runner.errors)
             _safe_schedule(schedule, self._worker_done.set)
 
     async def _close(self) -> None:
@@ -232,13 +243,9 @@ class FitStream:
             assert self._thread is not None
             self._thread.join()
             await self._sinks_done.wait()
-            if self._runner is not None:
-                self._runner.__exit__(None, None, None)
             if self._sub is not None:
                 HUB.unsubscribe(self._sub)
                 self._sub.close()
-        if self.result is not None and self._runner is not None:
-            self.result["sink_errors"] = list(self._runner.errors)
 
     async def __aenter__(self) -> FitStream:
         await self._start()

@@ -49,8 +49,7 @@ def _float(v: Any) -> float:
 def _opt_float(v: Any) -> float | None:
     if v is None:
         return None
-    f = float(v)
-    return None if math.isnan(f) else f
+    return float(v)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -199,7 +198,7 @@ def event_from_dict(d: Any) -> Event:
     if not isinstance(d, dict):
         raise EventDecodeError(f"an event must be a JSON object, got {type(d).__name__}")
     schema = d.get("schema")
-    if schema != SCHEMA_VERSION:
+    if type(schema) is not int or schema != SCHEMA_VERSION:
         raise EventDecodeError(
             f"unsupported schema {schema!r:.20} (this reader knows {SCHEMA_VERSION})"
         )

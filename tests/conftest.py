@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from pathlib import Path
 
 import jax
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 
@@ -15,12 +19,6 @@ NIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nis
 # ---------------------------------------------------------------------------------------------
 # Streaming tests: both async backends, and proof that nothing (thread, task) is left behind.
 # ---------------------------------------------------------------------------------------------
-
-import asyncio  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import pytest  # noqa: E402
 
 # Threads that belong to the test harness, not to nlsq_stream: anyio's pytest plugin drives trio
 # in guest mode, whose blocking I/O wait runs in a worker of trio's thread cache ("Trio thread N");

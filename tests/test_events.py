@@ -1,0 +1,236 @@
+"""Typed events and their JSON form: exact round trips, and strict, named decode errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nlsq_stream import events
+from nlsq_stream.events import (
+    MAX_LINE_BYTES,
+    SCHEMA_VERSION,
+    EventDecodeError,
+    FitFailed,
+    FitFinished,
+    FitStarted,
+    Iteration,
+    event_from_dict,
+    event_from_json,
+)
+
+pytestmark = pytest.mark.usefixtures("no_leftover_threads")
+
+NAN, INF = float("nan"), float("inf")
+
+SAMPLES = {
+    "started": FitStarted(
+        "fit-1", "trf", 3, 1000, ("a", "b", "c"), np.array([1.0, NAN, -INF]), 1.7e9 + 0.123456789
+    ),
+    "iteration0": Iteration("fit-1", 0, 1, 2.5, None, None, 1e-3, np.array([1.0, 2.0]), 0.0),
+    "iteration": Iteration(
+        "fit-1", 7, 9, 0.1 + 0.2, 1e-300, 5e-324, 3.0e300, np.array([INF, -0.0, 1 / 3]), 12.5
+    ),
+    "iteration_nonfinite": Iteration(
+        "fit-1", 8, 10, NAN, INF, -INF, INF, np.array([NAN, INF, -INF]), 13.0
+    ),
+    "finished": FitFinished(
+        "fit-1",
+        {
+            "x": np.array([1.0, NAN, INF]),
+            "cost": INF,
+            "optimality": NAN,
+            "nfev": 12,
+            "njev": 11,
+            "nit": 10,
+            "status": -2,
+            "message": 'stopped "early" \u2014 \n ok',
+            "success": False,
+        },
+        1.0,
+    ),
+    "failed": FitFailed("fit-2", "ValueError", "boom: line1\nline2 \u00e9", 2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_json_round_trip_is_exact(name):
+    ev = SAMPLES[name]
+    line = ev.to_json()
+    assert "\n" not in line
+    back = event_from_json(line)
+    assert type(back) is type(ev)
+    assert back == ev
+    # bytes in, and the classmethod (which parses any event type), give the same event
+    assert event_from_json(line.encode("utf-8")) == ev
+    assert Iteration.from_json(line) == ev
+    # and JSON again: byte-identical
+    assert back.to_json() == line
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_schema_and_type_fields(name):
+    ev = SAMPLES[name]
+    d = json.loads(ev.to_json())
+    assert d["schema"] == SCHEMA_VERSION == 1
+    assert d["type"] == type(ev).__name__
+    assert d["fit_id"] == ev.fit_id
+    assert isinstance(d["time"], float)
+    assert ev.to_dict()["schema"] == 1
+
+
+def test_non_finite_floats_use_pythons_json_tokens():
+    line = SAMPLES["iteration_nonfinite"].to_json()
+    assert "NaN" in line and "Infinity" in line and "-Infinity" in line
+    d = json.loads(line)
+    assert math.isnan(d["cost"]) and d["cost_reduction"] == INF and d["step_norm"] == -INF
+
+
+def test_iteration_zero_writes_null_reduction_and_step():
+    d = json.loads(SAMPLES["iteration0"].to_json())
+    assert d["cost_reduction"] is None and d["step_norm"] is None
+    back = event_from_json(SAMPLES["iteration0"].to_json())
+    assert back.cost_reduction is None and back.step_norm is None
+
+
+def test_floats_keep_full_precision():
+    ev = SAMPLES["iteration"]
+    back = event_from_json(ev.to_json())
+    assert back.cost == 0.1 + 0.2  # repr precision, not 0.3
+    assert back.step_norm == 5e-324  # subnormal survives
+    assert np.signbit(back.params[1])  # -0.0 survives
+    assert back.params.dtype == np.float64
+
+
+def test_numpy_scalars_are_written_as_json_numbers():
+    ev = FitFinished("f", {"x": np.array([1.0]), "nfev": np.int64(3), "cost": np.float32(0.5)}, 0.0)
+    d = json.loads(ev.to_json())
+    assert d["result"] == {"x": [1.0], "nfev": 3, "cost": 0.5}
+
+
+def test_nan_reduction_and_step_round_trip():
+    ev = Iteration("fit-1", 3, 4, 1.0, NAN, NAN, 1.0, np.array([1.0]), 0.0)
+    back = event_from_json(ev.to_json())
+    assert back == ev
+
+
+def test_equality_and_status_helpers():
+    a = SAMPLES["finished"]
+    assert a.status == -2 and a.stopped
+    ok = FitFinished("f", {"status": 1}, 0.0)
+    assert ok.status == 1 and not ok.stopped
+    assert SAMPLES["iteration"] != SAMPLES["iteration_nonfinite"]
+    assert SAMPLES["iteration"] != SAMPLES["started"]
+    with pytest.raises(TypeError):
+        hash(SAMPLES["iteration"])
+
+
+def _line(**fields):
+    return json.dumps(fields)
+
+
+def _good(kind):
+    return {
+        "FitStarted": json.loads(SAMPLES["started"].to_json()),
+        "Iteration": json.loads(SAMPLES["iteration"].to_json()),
+        "FitFinished": json.loads(SAMPLES["finished"].to_json()),
+        "FitFailed": json.loads(SAMPLES["failed"].to_json()),
+    }[kind]
+
+
+def _with(kind, **changes):
+    d = _good(kind)
+    for k, v in changes.items():
+        if v is _DROP:
+            d.pop(k)
+        else:
+            d[k] = v
+    return json.dumps(d)
+
+
+_DROP = object()
+
+BAD_LINES = [
+    # (id, line, text the error message must contain)
+    ("not-json", "this is not json", "not valid JSON"),
+    ("truncated", SAMPLES["iteration"].to_json()[:-5], "not valid JSON"),
+    ("empty", "", "not valid JSON"),
+    ("not-utf8", b"\xff\xfe{}", "UTF-8"),
+    ("array", "[1, 2, 3]", "JSON object"),
+    ("number", "3", "JSON object"),
+    ("too-deep", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("no-schema", _with("Iteration", schema=_DROP), "schema"),
+    ("schema-2", _with("Iteration", schema=2), "schema"),
+    ("schema-str", _with("Iteration", schema="1"), "schema"),
+    ("unknown-type", _with("Iteration", type="FitExploded"), "FitExploded"),
+    ("no-type", _with("Iteration", type=_DROP), "type"),
+    ("fit_id-missing", _with("Iteration", fit_id=_DROP), "'fit_id'"),
+    ("fit_id-int", _with("Iteration", fit_id=3), "'fit_id'"),
+    ("time-str", _with("Iteration", time="now"), "'time'"),
+    ("time-bool", _with("FitFailed", time=True), "'time'"),
+    ("iteration-float", _with("Iteration", iteration=1.5), "'iteration'"),
+    ("iteration-bool", _with("Iteration", iteration=True), "'iteration'"),
+    ("nfev-str", _with("Iteration", nfev="9"), "'nfev'"),
+    ("cost-null", _with("Iteration", cost=None), "'cost'"),
+    ("cost-missing", _with("Iteration", cost=_DROP), "'cost'"),
+    ("cost_reduction-str", _with("Iteration", cost_reduction="x"), "'cost_reduction'"),
+    ("step_norm-bool", _with("Iteration", step_norm=False), "'step_norm'"),
+    ("optimality-list", _with("Iteration", optimality=[1.0]), "'optimality'"),
+    ("params-str", _with("Iteration", params="1,2"), "'params'"),
+    ("params-item", _with("Iteration", params=[1.0, "2"]), "'params'"),
+    ("params-bool-item", _with("Iteration", params=[1.0, True]), "'params'"),
+    ("params-nested", _with("Iteration", params=[[1.0]]), "'params'"),
+    ("method-int", _with("FitStarted", method=1), "'method'"),
+    ("n_params-str", _with("FitStarted", n_params="3"), "'n_params'"),
+    ("n_residuals-float", _with("FitStarted", n_residuals=10.0), "'n_residuals'"),
+    ("param_names-item", _with("FitStarted", param_names=["a", 2, "c"]), "'param_names'"),
+    ("param_names-str", _with("FitStarted", param_names="abc"), "'param_names'"),
+    ("x0-missing", _with("FitStarted", x0=_DROP), "'x0'"),
+    ("result-list", _with("FitFinished", result=[1, 2]), "'result'"),
+    ("result-x-item", _with("FitFinished", result={"x": [1.0, None]}), "'x'"),
+    ("error_type-missing", _with("FitFailed", error_type=_DROP), "'error_type'"),
+    ("message-int", _with("FitFailed", message=42), "'message'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"), [b[1:] for b in BAD_LINES], ids=[b[0] for b in BAD_LINES]
+)
+def test_from_json_rejects_with_named_field(line, needle):
+    with pytest.raises(EventDecodeError) as info:
+        event_from_json(line)
+    assert needle in str(info.value)
+    assert isinstance(info.value, ValueError)  # EventDecodeError is a ValueError
+
+
+@pytest.mark.parametrize("schema", [True, 1.0], ids=["true", "float"])
+def test_from_json_rejects_schema_of_wrong_type(schema):
+    with pytest.raises(EventDecodeError, match="schema"):
+        event_from_json(_with("Iteration", schema=schema))
+
+
+def test_from_json_rejects_oversized_lines():
+    big = " " * (MAX_LINE_BYTES + 1)
+    with pytest.raises(EventDecodeError, match="limit"):
+        event_from_json(big)
+    with pytest.raises(EventDecodeError, match="limit"):
+        event_from_json(big.encode())
+
+
+def test_from_json_never_evaluates_code():
+    # A pickle- or eval-looking payload is just "not JSON".
+    for payload in (b"\x80\x04\x95", "__import__('os').system('true')"):
+        with pytest.raises(EventDecodeError):
+            event_from_json(payload)
+
+
+def test_event_from_dict_rejects_non_dict():
+    with pytest.raises(EventDecodeError, match="JSON object"):
+        event_from_dict(["FitStarted"])
+
+
+def test_public_surface():
+    assert set(events.__all__) >= {"FitStarted", "Iteration", "FitFinished", "FitFailed"}
+    assert events.TERMINAL == (FitFinished, FitFailed)
