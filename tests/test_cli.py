@@ -1,0 +1,99 @@
+"""The ``nlsq-stream`` command, run as ``python -m nlsq_stream.cli`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nlsq_stream.sinks import HEADER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the command in a fresh interpreter that imports this checkout's package."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "nlsq_stream.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def test_help() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "demo" in proc.stdout and "bench" in proc.stdout
+    for sub in ("demo", "bench"):
+        proc = run_cli(sub, "--help")
+        assert proc.returncode == 0, proc.stderr
+    assert "--sizes" in proc.stdout and "--quick" in proc.stdout
+
+
+def test_unknown_subcommand_fails_clearly() -> None:
+    proc = run_cli("frobnicate")
+    assert proc.returncode != 0
+    assert "invalid choice: 'frobnicate'" in proc.stderr
+    assert "demo" in proc.stderr and "bench" in proc.stderr
+
+
+def test_missing_subcommand_fails_clearly() -> None:
+    proc = run_cli()
+    assert proc.returncode != 0
+    assert "required" in proc.stderr
+
+
+def test_bad_option_value_fails_clearly() -> None:
+    proc = run_cli("demo", "--points", "many")
+    assert proc.returncode != 0
+    assert "expected a positive integer" in proc.stderr
+
+
+def test_demo_writes_table_and_log(tmp_path: Path) -> None:
+    log = tmp_path / "x.jsonl"
+    proc = run_cli("demo", "--log", str(log), "--points", "20000", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert HEADER in out
+    assert "Function evaluations" in out  # the summary the console sink prints at the end
+    assert str(log.resolve()) in out
+    for name in ("offset", "slope", "amp1", "cen5", "wid5"):
+        assert f"\n{name} " in out
+    lines = log.read_text(encoding="utf-8").splitlines()
+    events = [json.loads(line) for line in lines]
+    assert events[0]["type"] == "FitStarted"
+    assert events[-1]["type"] == "FitFinished"
+    assert events[-1]["result"]["success"] is True
+    iterations = [e for e in events if e["type"] == "Iteration"]
+    assert [e["iteration"] for e in iterations] == list(range(len(iterations)))
+    assert len(iterations) >= 5
+    assert not (tmp_path / "nlsq_stream_demo.jsonl").exists()  # --log was honoured
+
+
+def test_bench_solver_quick_small() -> None:
+    proc = run_cli("bench", "solver", "--quick", "--sizes", "1000", "--repeats", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "== solver" in out
+    assert "first call <= 0.6 s" in out
+    pytest.importorskip("scipy")
+    assert "ratio scipy_fastest/ours_warm at n=1e3" in out
+    assert "ours warm no slower than scipy lm" in out
+    assert "PASS" in out or "MISS" in out
+
+
+def test_bench_rejects_unknown_benchmark() -> None:
+    proc = run_cli("bench", "nothing")
+    assert proc.returncode != 0
+    assert "invalid choice: 'nothing'" in proc.stderr
