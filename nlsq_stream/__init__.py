@@ -25,6 +25,7 @@ from .events import FitFinished as FitFinished
 from .events import FitStarted as FitStarted
 from .events import Iteration as Iteration
 from .replay import ReplayWarning as ReplayWarning
+from .replay import iter_events as iter_events
 from .replay import replay as replay
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "curve_fit",
     "events",
     "fit_stream",
+    "iter_events",
     "least_squares",
     "least_squares_stream",
     "replay",

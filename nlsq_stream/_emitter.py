@@ -1,12 +1,15 @@
 """Stage two: per-iteration records leave the device in batches.
 
 A host callback costs ~80 µs here, more than a whole iteration of a small fit, so the jitted loop
-writes each iteration's record into a device-side buffer and calls the host only when the buffer
-holds ``k`` records. The host answers every flush with the next ``k`` and a stop flag:
+writes each iteration's record into a device-side buffer and calls the host only every ``k``
+trials (loop iterations), or when the buffer is full. The host answers every flush with the next
+``k`` and a stop flag:
 
 * ``k`` is chosen by the host so that flushes come about every ``TARGET_INTERVAL`` seconds of fit
   time (measured between flushes), which bounds both the overhead (one callback per interval) and
-  the latency (a record waits at most one interval). The first flush happens after one record.
+  the latency (a record waits at most one interval). The first flush happens at once, with the
+  record of iteration 0. Counting trials rather than records means that a long run of rejected
+  trials still flushes, so a stop request always gets through.
 * the stop flag is how ``stream.stop()`` reaches the device: the loop ends at the next flush with
   status -2 and the best parameters so far.
 
@@ -30,14 +33,16 @@ from jax import Array, lax
 from jax.experimental import io_callback
 
 TARGET_INTERVAL = 0.02  # seconds of fit time between flushes
-K_MAX = 64  # rows in the device buffer
+K_MAX = 64  # rows in the device buffer (a full buffer is flushed at once)
+K_TRIALS_MAX = 1 << 14  # at most this many trials between flushes
 ROW_HEAD = 6  # iteration, nfev, cost, cost_reduction, step_norm, optimality; then the params
 
 
 class EmitState(NamedTuple):
     buf: Array  # (K_MAX, ROW_HEAD + n)
     filled: Array  # rows filled
-    k: Array  # flush when count reaches k
+    trials: Array  # trials (loop iterations) since the last flush
+    k: Array  # flush after k trials (or when the buffer is full)
     stop: Array  # the host asked the fit to stop
 
 
@@ -53,6 +58,7 @@ class Emitter:
         return EmitState(
             buf=jnp.zeros((self.k_max, ROW_HEAD + n), dtype),
             filled=jnp.zeros((), jnp.int32),
+            trials=jnp.zeros((), jnp.int32),
             k=jnp.ones((), jnp.int32),
             stop=jnp.zeros((), jnp.bool_),
         )
@@ -85,32 +91,37 @@ class Emitter:
         idx = jnp.minimum(st.filled, self.k_max - 1)
         buf = st.buf.at[idx].set(jnp.where(wanted, row, st.buf[idx]))
         count = st.filled + wanted.astype(jnp.int32)
-        # The final rows are flushed after the loop, so a terminal iteration never flushes here.
-        full = (count >= st.k) & ~final
+        trials = st.trials + 1
+        # Flushes are counted in trials, not rows, so a long run of rejected trials (no completed
+        # iteration) still reaches the host, and a stop request still reaches the device. The
+        # final rows are flushed after the loop, so a terminal iteration never flushes here.
+        full = ((trials >= st.k) | (count >= self.k_max)) & ~final
 
         def flush(_: None) -> tuple[Array, Array]:
-            return _host_flush(token, buf, count)
+            return _host_flush(token, buf, count, trials)
 
         def keep(_: None) -> tuple[Array, Array]:
             return st.k, st.stop
 
         k, stop = lax.cond(full, flush, keep, None)
         count = jnp.where(full, 0, count)
-        return EmitState(buf=buf, filled=count, k=k, stop=stop | st.stop)
+        trials = jnp.where(full, 0, trials)
+        return EmitState(buf=buf, filled=count, trials=trials, k=k, stop=stop | st.stop)
 
     def flush(self, st: EmitState, token: Array) -> Array:
         """Deliver the last partial batch (always called once, after the loop)."""
-        k, _ = _host_flush(token, st.buf, st.filled)
+        k, _ = _host_flush(token, st.buf, st.filled, st.trials)
         return k
 
 
-def _host_flush(token: Array, buf: Array, count: Array) -> tuple[Array, Array]:
+def _host_flush(token: Array, buf: Array, count: Array, trials: Array) -> tuple[Array, Array]:
     return io_callback(
         _on_flush,
         (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.bool_)),
         token,
         buf,
         count,
+        trials,
         ordered=False,
     )
 
@@ -121,31 +132,34 @@ class Channel:
     def __init__(
         self,
         sink: Callable[[np.ndarray, float], None],
-        k_max: int = K_MAX,
         target_interval: float = TARGET_INTERVAL,
     ) -> None:
         self.token = next(_TOKENS)
         self.stop_requested = threading.Event()
         self.flushes = 0
         self.interrupt: BaseException | None = None  # raised on the host once the fit returns
+        self.keyboard_interrupt: KeyboardInterrupt | None = None  # re-raised after the sinks
         self._sink = sink
-        self._k_max = k_max
         self._target = target_interval
         self._last = time.perf_counter()
+
+    def on_keyboard_interrupt(self, e: KeyboardInterrupt) -> None:
+        """Ctrl-C during a watched fit: stop it (best parameters so far), re-raise afterwards."""
+        if self.keyboard_interrupt is None:
+            self.keyboard_interrupt = e
+        self.stop_requested.set()
 
     def reset_clock(self) -> None:
         self._last = time.perf_counter()
 
-    def on_rows(self, rows: np.ndarray) -> tuple[int, bool]:
+    def on_rows(self, rows: np.ndarray, trials: int = 0) -> tuple[int, bool]:
+        """Take a batch; answer (trials until the next flush, stop?)."""
         now = time.perf_counter()
-        n = rows.shape[0]
         self.flushes += 1
-        if n:
-            per_row = max((now - self._last) / n, 1e-7)
-            k = int(min(max(self._target / per_row, 1), self._k_max))
+        if rows.shape[0]:
             self._sink(rows, time.time())
-        else:
-            k = 1
+        per_trial = max((now - self._last) / max(trials, 1), 1e-7)
+        k = int(min(max(self._target / per_trial, 1), K_TRIALS_MAX))
         self._last = now
         return k, self.stop_requested.is_set()
 
@@ -161,17 +175,22 @@ _TOKENS = itertools.count(1)
 _CHANNELS: dict[int, Channel] = {}
 
 
-def _on_flush(token: Any, buf: Any, count: Any) -> tuple[Any, Any]:
-    # Runs on an XLA thread: numpy only, never jnp, never block.
-    tok = int(np.asarray(token))
-    n = int(np.asarray(count))
-    channel = _CHANNELS.get(tok)
-    if channel is None:  # nobody listens any more: ask the loop to stop
-        return np.int32(K_MAX), np.bool_(True)
-    rows = np.array(np.asarray(buf)[:n], dtype=np.float64)
+def _on_flush(token: Any, buf: Any, count: Any, trials: Any) -> tuple[Any, Any]:
+    # Runs on an XLA thread (or the caller's): numpy only, never jnp, never block, never raise.
+    channel = None
     try:
-        k, stop = channel.on_rows(rows)
-    except BaseException as e:  # e.g. KeyboardInterrupt: stop the fit cleanly, re-raise on the host
-        channel.interrupt = e
-        return np.int32(K_MAX), np.bool_(True)
-    return np.int32(k), np.bool_(stop)
+        channel = _CHANNELS.get(int(np.asarray(token)))
+        if channel is None:  # nobody listens any more: ask the loop to stop
+            return np.int32(K_TRIALS_MAX), np.bool_(True)
+        n = int(np.asarray(count))
+        rows = np.array(np.asarray(buf)[:n], dtype=np.float64)
+        k, stop = channel.on_rows(rows, int(np.asarray(trials)))
+        return np.int32(k), np.bool_(stop)
+    except KeyboardInterrupt as e:  # Ctrl-C landed in the callback: stop cleanly
+        if channel is not None:
+            channel.on_keyboard_interrupt(e)
+        return np.int32(K_TRIALS_MAX), np.bool_(True)
+    except BaseException as e:  # never let a host error tear down the XLA computation
+        if channel is not None:
+            channel.interrupt = e
+        return np.int32(K_TRIALS_MAX), np.bool_(True)

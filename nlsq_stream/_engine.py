@@ -267,7 +267,7 @@ def solve(
             zero,
             g_norm0,
             x0,
-            jnp.ones((), jnp.bool_),
+            ev0.finite,  # a start with non-finite residuals fails with no row
             status0,
         )
         status0 = jnp.where((status0 == RUNNING) & emit0.stop, STATUS_STOPPED, status0)

@@ -6,7 +6,8 @@ hand-off per batch into its own event loop (``call_soon_threadsafe`` on asyncio,
 on trio). Inside that loop the batch goes into the subscriber's own anyio memory object stream
 under the subscriber's policy:
 
-* ``"lossless"``: an unbounded stream; nothing is ever dropped.
+* ``"lossless"``: nothing is ever dropped. The stream holds up to ``LOSSLESS_WINDOW`` decoded
+  events; a backlog beyond that waits as raw numpy batches (about 8 bytes a number).
 * ``"latest"``: at most one Iteration waits; a newer one replaces it and ``skipped`` counts the
   replaced ones. FitStarted and the terminal event are never dropped.
 
@@ -17,7 +18,6 @@ subscriber has a stream of its own.
 from __future__ import annotations
 
 import collections
-import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -30,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .events import TERMINAL, Event, Iteration
 
 Policy = Literal["lossless", "latest"]
+LOSSLESS_WINDOW = 1024  # decoded events a lossless stream holds; the rest wait as raw batches
 POLICIES: tuple[str, ...] = ("lossless", "latest")
 
 
@@ -104,11 +105,14 @@ class Subscription:
         self.skipped = 0
         self.received = 0
         self._schedule = _scheduler(anyio.lowlevel.current_token())
-        size = math.inf if policy == "lossless" else 1
+        # A lossless subscriber that falls behind keeps its backlog as undecoded batches (compact
+        # numpy rows), decoding the next one only when the stream has room.
+        size = LOSSLESS_WINDOW if policy == "lossless" else 1
         self._send: MemoryObjectSendStream[Event]
         self._recv: MemoryObjectReceiveStream[Event]
         self._send, self._recv = anyio.create_memory_object_stream[Event](size)
         self._side: collections.deque[Event] = collections.deque()
+        self._pending: collections.deque[Batch] = collections.deque()
         self._ended = False  # the terminal event went into the stream (or we closed)
         self._dead = False  # the consumer's loop is gone
         self._hub: Hub | None = None
@@ -126,6 +130,10 @@ class Subscription:
     def _deliver(self, batch: Batch) -> None:
         if self._ended:
             return
+        if self.policy == "lossless":
+            self._pending.append(batch)
+            self._refill()
+            return
         for ev in batch.events():
             if self.policy == "latest" and isinstance(ev, Iteration):
                 if self._side and isinstance(self._side[-1], Iteration):
@@ -136,7 +144,12 @@ class Subscription:
         self._refill()
 
     def _refill(self) -> None:
-        while self._side and not self._ended:
+        while not self._ended:
+            if not self._side:
+                if not self._pending:
+                    return
+                self._side.extend(self._pending.popleft().events())
+                continue
             ev = self._side[0]
             try:
                 self._send.send_nowait(ev)
@@ -145,6 +158,7 @@ class Subscription:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._ended = True
                 self._side.clear()
+                self._pending.clear()
                 return
             self._side.popleft()
             if self.fit_id is not None and isinstance(ev, TERMINAL):
@@ -183,6 +197,7 @@ class Subscription:
         """Stop receiving; pending events are discarded. Idempotent."""
         self._ended = True
         self._side.clear()
+        self._pending.clear()
         self._send.close()
         self._recv.close()
 

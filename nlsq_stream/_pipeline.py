@@ -10,6 +10,7 @@ has drained. It works inside Jupyter too, where the caller's thread already runs
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import uuid
 import warnings
@@ -104,25 +105,51 @@ def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -
         )
     else:
         config = _engine.Config(**prep.config_kw, emitter=Emitter(level))
+        args = (prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale)
+        args2 = (prep.tols, prep.f_scale, prep.max_nfev, np.int32(channel.token))
         with channel:
             channel.reset_clock()
-            res = run(
-                prep.problem,
-                config,
-                prep.x0,
-                prep.lb,
-                prep.ub,
-                prep.data,
-                prep.x_scale,
-                prep.tols,
-                prep.f_scale,
-                prep.max_nfev,
-                np.int32(channel.token),
-            )
+            if threading.current_thread() is threading.main_thread():
+                res = _run_interruptibly(channel, lambda: run(*args, *args2))
+            else:
+                res = run(*args, *args2)
         if channel.interrupt is not None:
             raise channel.interrupt
     if prep.finalize is not None:
         prep.finalize(res)
+    return res
+
+
+def _run_interruptibly(channel: Channel, fn: Callable[[], OptimizeResult]) -> OptimizeResult:
+    """Run ``fn`` in a helper thread while the main thread waits where Ctrl-C can reach it.
+
+    XLA may execute the whole fit inside the dispatching call, and run host callbacks on its own
+    threads, so a main thread blocked in that call would not see SIGINT until the fit ended. Here
+    Ctrl-C asks the fit to stop (best parameters so far) and is re-raised once the sinks drained.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["res"] = fn()
+        except BaseException as e:
+            box["err"] = e
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=target, name="nlsq_stream-solve")
+    worker.start()
+    # Wait on an Event, not on join(): an interrupted join() can corrupt the thread's state.
+    while not done.is_set():
+        try:
+            done.wait()
+        except KeyboardInterrupt as e:
+            channel.on_keyboard_interrupt(e)
+    worker.join()
+    if "err" in box:
+        raise box["err"]
+    res: OptimizeResult = box["res"]
     return res
 
 
@@ -189,6 +216,8 @@ def run_sync(prep: PreparedFit) -> OptimizeResult:
         warnings.warn(failure, SinkError, stacklevel=3)
     if error is not None:
         raise error
+    if channel.keyboard_interrupt is not None:  # the fit stopped and the sinks have drained
+        raise channel.keyboard_interrupt
     assert res is not None
     res["sink_errors"] = list(runner.errors)
     return res

@@ -32,6 +32,8 @@ from ._pipeline import (
 from ._result import OptimizeResult
 from .events import TERMINAL, Event, FitFailed
 
+MAX_SINK_BATCH = 1024  # events handed to a sink at once: bounds the memory of one write
+
 
 class _SinkAdapter:
     """Presents any accepted sink as ``send_batch(events)`` plus ``aclose()``."""
@@ -108,7 +110,7 @@ class SinkRunner:
         try:
             async for first in sub:
                 batch = [first]
-                while True:
+                while len(batch) < MAX_SINK_BATCH:
                     try:
                         batch.append(sub.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):

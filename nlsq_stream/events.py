@@ -191,6 +191,17 @@ def _float_list(d: dict[str, Any], key: str) -> np.ndarray:
 
 
 _NUM = (int, float)
+_RESULT_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("cost", _NUM, "a number"),
+    ("optimality", _NUM, "a number"),
+    ("time_sec", _NUM, "a number"),
+    ("nfev", (int,), "an integer"),
+    ("njev", (int,), "an integer"),
+    ("nit", (int,), "an integer"),
+    ("status", (int,), "an integer"),
+    ("message", (str,), "a string"),
+    ("success", (bool,), "true or false"),
+)
 
 
 def event_from_dict(d: Any) -> Event:
@@ -241,6 +252,11 @@ def event_from_dict(d: Any) -> Event:
         result = dict(_require(d, "result", (dict,), "an object"))
         if "x" in result:
             result["x"] = _float_list(result, "x")
+        for key, kinds, what in _RESULT_FIELDS:
+            if key in result:
+                v = result[key]
+                if (isinstance(v, bool) and bool not in kinds) or not isinstance(v, kinds):
+                    raise EventDecodeError(f"field 'result.{key}' must be {what}")
         return FitFinished(fit_id, result, t)
     return FitFailed(
         fit_id,
@@ -267,7 +283,10 @@ def event_from_json(line: str | bytes) -> Event:
         raise EventDecodeError("JSON nested too deeply") from None
     except ValueError as e:
         raise EventDecodeError(f"not valid JSON: {e}") from None
-    return event_from_dict(d)
+    try:
+        return event_from_dict(d)
+    except OverflowError as e:  # an integer too large for a float
+        raise EventDecodeError(f"number out of range: {e}") from None
 
 
 __all__ = [
