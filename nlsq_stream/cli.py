@@ -1,6 +1,7 @@
-"""The ``nlsq-stream`` command: ``demo`` (a live multi-peak fit) and ``bench`` (ratios).
+"""The ``nlsq-stream`` command: ``demo`` (a live multi-peak fit), ``bench`` (ratios),
+``replay FILE`` (the table again from a JSONL log) and ``summary FILE`` (the result of a log).
 
-Run ``nlsq-stream --help``, ``nlsq-stream demo --help`` or ``nlsq-stream bench --help``.
+Run ``nlsq-stream --help`` or ``nlsq-stream COMMAND --help``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nlsq-stream",
         description="nlsq_stream: JAX nonlinear least squares you can watch while it runs.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench}", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{demo,bench,replay,summary}", required=True
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -88,7 +91,59 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N[,N...]",
         help="problem sizes for solver and emit (default: 1e3,1e5,1e6)",
     )
+    for name, text in (
+        ("replay", "print scipy's verbose=2 table again from a JSONL event log"),
+        ("summary", "print the result of each fit in a JSONL event log"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        cmd.add_argument("file", metavar="FILE", help="a log written by JsonlSink")
     return parser
+
+
+def _replay(path: str) -> int:
+    """Print the console table of every event in ``path``; bad lines warn on stderr."""
+    from .replay import iter_events
+    from .sinks import ConsoleSink
+
+    sink = ConsoleSink(file=sys.stdout)
+    lines = [line for ev in iter_events(path) for line in sink.format(ev)]
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _summary(path: str) -> int:
+    """One block per fit in ``path``: id, method, status, message, nfev, cost, parameters."""
+    from .events import FitFailed, FitFinished, FitStarted
+    from .replay import iter_events
+
+    started: dict[str, FitStarted] = {}
+    seen = 0
+    for ev in iter_events(path):
+        if isinstance(ev, FitStarted):
+            started[ev.fit_id] = ev
+        elif isinstance(ev, (FitFinished, FitFailed)):
+            seen += 1
+            head = started.get(ev.fit_id)
+            method = head.method if head else "?"
+            print(f"fit {ev.fit_id} ({method})")
+            if isinstance(ev, FitFailed):
+                print(f"  failed: {ev.error_type}: {ev.message}")
+                continue
+            r = ev.result
+            print(f"  status {r.get('status')}: {r.get('message')}")
+            cost, opt = r.get("cost", float("nan")), r.get("optimality", float("nan"))
+            print(
+                f"  nfev {r.get('nfev')}, nit {r.get('nit')}, cost {cost:.6e}, optimality {opt:.2e}"
+            )
+            names = head.param_names if head else ()
+            for i, v in enumerate(r.get("x", [])):
+                name = names[i] if i < len(names) else f"p{i}"
+                print(f"  {name:>12} = {v:.10g}")
+    if not seen:
+        print(f"no finished fit in {path}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _enable_x64() -> None:
@@ -100,6 +155,12 @@ def _enable_x64() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nlsq-stream``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command in ("replay", "summary"):
+        try:
+            return _replay(args.file) if args.command == "replay" else _summary(args.file)
+        except FileNotFoundError as e:
+            print(f"nlsq-stream {args.command}: {e}", file=sys.stderr)
+            return 2
     _enable_x64()
     if args.command == "demo":
         from ._demo import run_demo

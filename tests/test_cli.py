@@ -97,3 +97,24 @@ def test_bench_rejects_unknown_benchmark() -> None:
     proc = run_cli("bench", "nothing")
     assert proc.returncode != 0
     assert "invalid choice: 'nothing'" in proc.stderr
+
+
+def test_replay_and_summary_commands(tmp_path):
+    """`nlsq-stream replay FILE` prints the table again; `summary FILE` prints the result."""
+    log = tmp_path / "fit.jsonl"
+    demo = run_cli("demo", "--log", str(log), "--points", "20000")
+    assert demo.returncode == 0, demo.stderr
+    replayed = run_cli("replay", str(log))
+    assert replayed.returncode == 0, replayed.stderr
+    table = [line for line in replayed.stdout.splitlines() if line.strip()]
+    assert "Iteration" in table[0] and "Optimality" in table[0]
+    assert table[-1].startswith("Function evaluations ")
+    summary = run_cli("summary", str(log))
+    assert summary.returncode == 0, summary.stderr
+    assert "status" in summary.stdout and "amp1" in summary.stdout
+    with open(log, "a") as f:
+        f.write('{"schema": 1, "type": "Itera')  # a torn last line
+    torn = run_cli("replay", str(log))
+    assert torn.returncode == 0 and "torn last line" in torn.stderr
+    missing = run_cli("summary", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "No such file" in missing.stderr
