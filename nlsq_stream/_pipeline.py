@@ -106,7 +106,8 @@ def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -
     else:
         config = _engine.Config(**prep.config_kw, emitter=Emitter(level))
         args = (prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale)
-        args2 = (prep.tols, prep.f_scale, prep.max_nfev, np.int32(channel.token))
+        key = (prep.problem, config, prep.x0.shape, prep.n_residuals, prep.x0.dtype.str)
+        args2 = (prep.tols, prep.f_scale, prep.max_nfev, channel.emit_args(key))
         with channel:
             channel.reset_clock()
             if threading.current_thread() is threading.main_thread():
