@@ -129,11 +129,7 @@ def _as_data_array(name: str, value: Any, dtype: np.dtype[Any], check_finite: bo
             raise TypeError(f"`{name}` must hold real numbers, got dtype {host.dtype}")
         arr = host.astype(dtype, copy=False)
     if check_finite:
-        ok = (
-            bool(np.all(np.isfinite(host)))
-            if host is not None
-            else bool(jnp.all(jnp.isfinite(arr)))
-        )
+        ok = _validate.all_finite(host) if host is not None else bool(jnp.all(jnp.isfinite(arr)))
         if not ok:
             raise ValueError(
                 f"`{name}` must not contain NaN or inf (pass check_finite=False to skip)"

@@ -123,6 +123,13 @@ def check_x0(name: str, x0: Any, dtype: np.dtype[Any] | None = None) -> np.ndarr
 
 def prepare_bounds(bounds: Any, n: int, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
     """``(lb, ub)`` as arrays of shape (n,); accepts a 2-tuple or an object with ``lb``/``ub``."""
+    if (
+        type(bounds) is tuple
+        and len(bounds) == 2
+        and _is_neg_inf(bounds[0])
+        and _is_pos_inf(bounds[1])
+    ):
+        return np.full(n, -np.inf, dtype), np.full(n, np.inf, dtype)  # the default: no bounds
     if hasattr(bounds, "lb") and hasattr(bounds, "ub"):
         lb_in, ub_in = bounds.lb, bounds.ub
     else:
@@ -157,6 +164,21 @@ def prepare_bounds(bounds: Any, n: int, dtype: np.dtype[Any]) -> tuple[np.ndarra
             f"has lower {lb[i]!r} >= upper {ub[i]!r}"
         )
     return lb, ub
+
+
+def _is_neg_inf(v: Any) -> bool:
+    return type(v) is float and v == -np.inf
+
+
+def _is_pos_inf(v: Any) -> bool:
+    return type(v) is float and v == np.inf
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """True when no element is NaN or inf (two reductions; no boolean temporary)."""
+    if a.size == 0 or not np.issubdtype(a.dtype, np.floating):
+        return True
+    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 
 def check_in_bounds(name: str, x0: np.ndarray, lb: np.ndarray, ub: np.ndarray) -> None:
