@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -158,3 +159,19 @@ def slow_args(m: int, lam: float = 0.9999):
 
 
 SLOW_TOLS = dict(ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=100_000)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Yield a list collecting the names of backend-compile events fired inside the block."""
+    events: list[str] = []
+
+    def listener(name: str, secs: float, **kwargs: object) -> None:
+        if "backend_compile" in name:
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -6,12 +6,11 @@ Compilations are counted with ``jax.monitoring``: every XLA backend compilation 
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compiles
 
 from nlsq_stream import curve_fit, least_squares
 
@@ -37,22 +36,6 @@ def data(seed: int, m: int = M, dtype=np.float64):
     y = truth[0] * np.exp(-truth[1] * x) + truth[2] + 0.01 * rng.standard_normal(m)
     p0 = truth * (1 + 0.2 * rng.standard_normal(3))
     return x.astype(dtype), y.astype(dtype), p0.astype(dtype)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Yield a list collecting the names of backend-compile events fired inside the block."""
-    events: list[str] = []
-
-    def listener(name: str, secs: float, **kwargs: object) -> None:
-        if "backend_compile" in name:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 CURVE_FIT_OPTIONS = {

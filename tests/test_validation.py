@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import count_compiles
 
 from nlsq_stream import curve_fit, least_squares
 
@@ -30,22 +30,6 @@ def model(x, a, b, c):
 def residual(p):
     """Residuals of ``model`` on the module's data, for least_squares."""
     return model(X, *p) - Y
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Yield a list that collects the names of backend-compile events fired inside the block."""
-    events: list[str] = []
-
-    def listener(name: str, secs: float, **kwargs: object) -> None:
-        if "backend_compile" in name:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @contextlib.contextmanager
