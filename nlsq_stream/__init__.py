@@ -14,6 +14,7 @@ from ._curve_fit import curve_fit as curve_fit
 from ._least_squares import least_squares as least_squares
 from ._pipeline import FitError as FitError
 from ._pipeline import SinkError as SinkError
+from ._pipeline import stop_fit as stop_fit
 from ._result import OptimizeResult as OptimizeResult
 from ._result import OptimizeWarning as OptimizeWarning
 from ._stream import FitStream as FitStream
@@ -48,6 +49,7 @@ __all__ = [
     "least_squares_stream",
     "replay",
     "sinks",
+    "stop_fit",
     "subscribe",
 ]
 

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -154,12 +155,36 @@ def _run_interruptibly(channel: Channel, fn: Callable[[], OptimizeResult]) -> Op
     return res
 
 
+_LIVE: weakref.WeakValueDictionary[str, Channel] = weakref.WeakValueDictionary()
+
+
 def hub_channel(fit_id: str) -> Channel:
     """A channel whose batches go to the hub as lazily decoded Iteration events."""
-    return Channel(lambda rows, t: HUB.publish(Batch(fit_id, rows=rows, time=t)))
+    channel = Channel(lambda rows, t: HUB.publish(Batch(fit_id, rows=rows, time=t)))
+    _LIVE[fit_id] = channel
+    return channel
+
+
+def stop_fit(fit_id: str) -> bool:
+    """Ask the watched fit ``fit_id`` to stop early; it ends with status -2 and its best parameters.
+
+    This is what a sink's Stop button calls (the fit id is in every event). Safe from any thread.
+    Returns False when no such fit is known (it finished, or was never watched).
+
+    >>> stop_fit("no-such-fit")
+    False
+    """
+    if not isinstance(fit_id, str):
+        raise TypeError(f"`fit_id` must be a str (an event's fit_id), got {type(fit_id).__name__}")
+    channel = _LIVE.get(fit_id)
+    if channel is None:
+        return False
+    channel.stop_requested.set()
+    return True
 
 
 def publish_terminal(fit_id: str, res: OptimizeResult | None, error: BaseException | None) -> None:
+    _LIVE.pop(fit_id, None)
     if error is None and res is not None:
         HUB.publish(Batch(fit_id, [FitFinished(fit_id, result_summary(res), time.time())]))
     else:

@@ -202,6 +202,41 @@ async def test_stop_reaches_sinks_too(anyio_backend, tmp_path):
     await assert_no_leftover_tasks(before)
 
 
+class StopAtSecondIteration:
+    """A sink with a Stop button: it stops its fit by id, as the notebook widget does."""
+
+    def __init__(self) -> None:
+        self.iterations = 0
+        self.answers: list[bool] = []
+
+    async def send(self, event):
+        if isinstance(event, Iteration):
+            self.iterations += 1
+            if self.iterations == 2:
+                self.answers.append(ns.stop_fit(event.fit_id))
+
+
+async def test_a_sink_stops_its_fit_by_id(anyio_backend):
+    before = live_tasks()
+    sink = StopAtSecondIteration()
+    with anyio.fail_after(TIMEOUT):
+        async with ns.least_squares_stream(
+            slow_residual, [1.0], args=LONG, sinks=[sink], **SLOW_TOLS
+        ) as stream:
+            evs = [ev async for ev in stream]
+    check_order(evs)
+    assert sink.answers == [True]
+    assert stream.result.status == -2 and evs[-1].stopped
+    assert stream.result.nit < 4000
+    assert ns.stop_fit(stream.fit_id) is False  # finished fits are forgotten
+    await assert_no_leftover_tasks(before)
+
+
+def test_stop_fit_rejects_a_non_string_id():
+    with pytest.raises(TypeError, match="fit_id"):
+        ns.stop_fit(3)
+
+
 class RaiseOnSolverTrace:
     """A model that passes fit_stream's validation trace and raises when the solver traces it."""
 
