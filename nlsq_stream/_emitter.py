@@ -1,26 +1,31 @@
-"""Stage two: per-iteration records leave the device in batches.
+"""Stage two: per-iteration records leave the device in batches, in chunks of the fit.
 
-A host callback costs ~80 µs here, more than a whole iteration of a small fit, so the jitted loop
-writes each iteration's record into a device-side buffer and calls the host only every ``k``
-trials (loop iterations), or when the buffer is full. The host answers every flush with the next
-``k`` and a stop flag:
+A host callback from inside a compiled loop costs ~80 µs here (more than a whole iteration of a
+small fit), and a program that contains one is dispatched through JAX's slow Python path and runs
+its callbacks on XLA's threads. So a watched fit contains no callback at all: it runs as a
+sequence of *chunks*. Each chunk is one call of the compiled loop (``_engine.solve_chunk``) that
+runs at most ``k`` trials (loop iterations), writing each iteration's record into a device-side
+buffer, gated on the device (``level`` 1: every 10th iteration and the last; 2: every one). The
+loop state stays on the device between chunks; only the records come back, one transfer per chunk.
 
-* ``k`` is chosen by the host so that flushes come about every ``TARGET_INTERVAL`` seconds of fit
-  time (measured between flushes), which bounds both the overhead (one callback per interval) and
-  the latency (a record waits at most one interval). The first flush happens at once, with the
-  record of iteration 0. Counting trials rather than records means that a long run of rejected
-  trials still flushes, so a stop request always gets through.
-* the stop flag is how ``stream.stop()`` reaches the device: the loop ends at the next flush with
-  status -2 and the best parameters so far.
+* ``k`` is chosen by the host so that a chunk lasts about ``TARGET_INTERVAL`` seconds of fit time
+  (measured on the previous chunk), which bounds both the overhead (one hand-off per interval) and
+  the latency (a record waits at most one interval). A problem seen before starts with the
+  per-trial time of its last fit, so a short fit is a single chunk; a new one starts with a chunk
+  of one trial (iteration 0 reaches the watchers at once, and the host learns the trial time).
+  Counting trials rather than records means that a long run of rejected trials still ends its
+  chunk, so a stop request always gets through. A chunk also ends when its buffer is full.
+* a stop request (``stream.stop()``, the Stop button, Ctrl-C) is seen between chunks: the fit
+  ends there with status -2 and the best parameters so far.
+* the last partial batch is simply the last chunk's records.
 
-The callback does almost nothing on the XLA thread: it copies the rows and hands them to the hub,
-which never blocks. ``verbose=0`` compiles no emitter and no callback at all.
+``verbose=0`` runs ``_engine.solve``: one program, no emitter, no chunks.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -29,21 +34,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array, lax
-from jax.experimental import io_callback
+from jax import Array
 
-TARGET_INTERVAL = 0.04  # seconds of fit time between flushes (latency budget: 100 ms)
-K_MAX = 64  # rows in the device buffer (a full buffer is flushed at once)
-K_TRIALS_MAX = 1 << 14  # at most this many trials between flushes
+from . import _engine
+
+TARGET_INTERVAL = 0.04  # seconds of fit time per chunk (latency budget: 100 ms)
+K_MAX = 256  # rows in the device buffer (a full buffer ends the chunk)
+K_TRIALS_MAX = 1 << 14  # at most this many trials per chunk
 ROW_HEAD = 6  # iteration, nfev, cost, cost_reduction, step_norm, optimality; then the params
+_CACHE_SIZE = 128  # problems whose per-trial time and state template are remembered
 
 
 class EmitState(NamedTuple):
     buf: Array  # (K_MAX, ROW_HEAD + n)
-    filled: Array  # rows filled
-    trials: Array  # trials (loop iterations) since the last flush
-    k: Array  # flush after k trials (or when the buffer is full)
-    stop: Array  # the host asked the fit to stop
+    filled: Array  # rows filled in this chunk
+    trials: Array  # trials (loop iterations) in this chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,20 +59,25 @@ class Emitter:
     level: int
     k_max: int = K_MAX
 
-    def init(self, args: Array, n: int, dtype: Any) -> EmitState:
-        """``args`` is ``[channel token, trials before the first flush]`` (int32, traced)."""
+    def init(self, n: int, dtype: Any) -> EmitState:
         return EmitState(
             buf=jnp.zeros((self.k_max, ROW_HEAD + n), dtype),
             filled=jnp.zeros((), jnp.int32),
             trials=jnp.zeros((), jnp.int32),
-            k=jnp.maximum(args[1], 1),
-            stop=jnp.zeros((), jnp.bool_),
         )
+
+    def start(self, st: EmitState) -> EmitState:
+        """The state at the start of a chunk: no rows, no trials."""
+        return st._replace(filled=jnp.zeros_like(st.filled), trials=jnp.zeros_like(st.trials))
+
+    def room(self, st: EmitState, k: Array) -> Array:
+        """May the chunk run another trial? (At most one row per trial, so the buffer can't
+        overflow.)"""
+        return (st.trials < k) & (st.filled < self.k_max)
 
     def record(
         self,
         st: EmitState,
-        args: Array,
         nit: Array,
         nfev: Array,
         cost: Array,
@@ -76,12 +86,12 @@ class Emitter:
         optimality: Array,
         x: Array,
         done: Array,
-        status: Array,
+        final: Array | None = None,
     ) -> EmitState:
-        """Append a row when an iteration completed (gated on the device), flush when full."""
+        """Count a trial; append a row when it completed an iteration that is wanted (gated on
+        the device). ``final``: the iteration ends the fit (always recorded at level 1)."""
         dtype = st.buf.dtype
-        final = status != -100
-        if self.level >= 2:
+        if self.level >= 2 or final is None:
             wanted = done
         else:
             wanted = done & ((nit % 10 == 0) | final)
@@ -91,40 +101,9 @@ class Emitter:
         row = jnp.concatenate([head.astype(dtype), x.astype(dtype)])
         idx = jnp.minimum(st.filled, self.k_max - 1)
         buf = st.buf.at[idx].set(jnp.where(wanted, row, st.buf[idx]))
-        count = st.filled + wanted.astype(jnp.int32)
-        trials = st.trials + 1
-        # Flushes are counted in trials, not rows, so a long run of rejected trials (no completed
-        # iteration) still reaches the host, and a stop request still reaches the device. The
-        # final rows are flushed after the loop, so a terminal iteration never flushes here.
-        full = ((trials >= st.k) | (count >= self.k_max)) & ~final
-
-        def flush(_: None) -> tuple[Array, Array]:
-            return _host_flush(args[0], buf, count, trials)
-
-        def keep(_: None) -> tuple[Array, Array]:
-            return st.k, st.stop
-
-        k, stop = lax.cond(full, flush, keep, None)
-        count = jnp.where(full, 0, count)
-        trials = jnp.where(full, 0, trials)
-        return EmitState(buf=buf, filled=count, trials=trials, k=k, stop=stop | st.stop)
-
-    def flush(self, st: EmitState, args: Array) -> Array:
-        """Deliver the last partial batch (always called once, after the loop)."""
-        k, _ = _host_flush(args[0], st.buf, st.filled, st.trials)
-        return k
-
-
-def _host_flush(token: Array, buf: Array, count: Array, trials: Array) -> tuple[Array, Array]:
-    return io_callback(
-        _on_flush,
-        (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.bool_)),
-        token,
-        buf,
-        count,
-        trials,
-        ordered=False,
-    )
+        return EmitState(
+            buf=buf, filled=st.filled + wanted.astype(jnp.int32), trials=st.trials + 1
+        )
 
 
 class Channel:
@@ -135,12 +114,11 @@ class Channel:
         sink: Callable[[np.ndarray, float], None],
         target_interval: float = TARGET_INTERVAL,
     ) -> None:
-        self.token = next(_TOKENS)
         self.stop_requested = threading.Event()
         self.flushes = 0
-        self._key: Any = None
-        self.interrupt: BaseException | None = None  # raised on the host once the fit returns
+        self.last_iteration = -1  # of the rows delivered so far
         self.keyboard_interrupt: KeyboardInterrupt | None = None  # re-raised after the sinks
+        self._key: Any = None
         self._sink = sink
         self._target = target_interval
         self._last = time.perf_counter()
@@ -151,66 +129,84 @@ class Channel:
             self.keyboard_interrupt = e
         self.stop_requested.set()
 
-    def reset_clock(self) -> None:
-        self._last = time.perf_counter()
+    def first_k(self, key: Any = None) -> int:
+        """Trials in the first chunk.
 
-    def emit_args(self, key: Any = None) -> np.ndarray:
-        """Device arguments: this channel's token and the trials before the first flush.
-
-        The first flush of a fit is where the host learns how long a trial takes. For a problem
-        seen before (same ``key``) the last fit's per-trial time predicts it, so a short fit can
-        make a single callback (the final one) instead of two.
+        The first chunk of a fit is where the host learns how long a trial takes. For a problem
+        seen before (same ``key``) the last fit's per-trial time predicts it, so a short fit runs
+        as a single chunk; otherwise the first chunk is one trial.
         """
         self._key = key
+        self._last = time.perf_counter()
         per_trial = _PER_TRIAL.get(key) if key is not None else None
-        k0 = 1 if per_trial is None else self._k_for(per_trial)
-        return np.array([self.token, k0], np.int32)
+        return 1 if per_trial is None else self._k_for(per_trial)
 
     def _k_for(self, per_trial: float) -> int:
         return int(min(max(self._target / max(per_trial, 1e-7), 1), K_TRIALS_MAX))
 
     def on_rows(self, rows: np.ndarray, trials: int = 0) -> tuple[int, bool]:
-        """Take a batch; answer (trials until the next flush, stop?)."""
+        """Take a chunk's rows; answer (trials in the next chunk, stop?)."""
         now = time.perf_counter()
         self.flushes += 1
         if rows.shape[0]:
+            self.last_iteration = int(rows[-1, 0])
             self._sink(rows, time.time())
         per_trial = max((now - self._last) / max(trials, 1), 1e-7)
-        k = self._k_for(per_trial)
         if self._key is not None and trials > 1:
-            _PER_TRIAL[self._key] = per_trial
+            _remember(_PER_TRIAL, self._key, per_trial)
         self._last = now
-        return k, self.stop_requested.is_set()
-
-    def __enter__(self) -> Channel:
-        _CHANNELS[self.token] = self
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _CHANNELS.pop(self.token, None)
+        return self._k_for(per_trial), self.stop_requested.is_set()
 
 
-_TOKENS = itertools.count(1)
-_PER_TRIAL: dict[Any, float] = {}  # seconds per trial, by problem, from the last watched fit
-_CHANNELS: dict[int, Channel] = {}
+_PER_TRIAL: collections.OrderedDict[Any, float] = collections.OrderedDict()  # s per trial
+_TEMPLATES: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # first chunk's carry
 
 
-def _on_flush(token: Any, buf: Any, count: Any, trials: Any) -> tuple[Any, Any]:
-    # Runs on an XLA thread (or the caller's): numpy only, never jnp, never block, never raise.
-    channel = None
+def _remember(cache: collections.OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def run_chunks(
+    channel: Channel,
+    problem: Any,
+    config: _engine.Config,
+    vectors: np.ndarray,
+    scalars: np.ndarray,
+    data: Any,
+    key: Any,
+) -> _engine.Output:
+    """Run a watched fit chunk by chunk, handing each chunk's records to ``channel``.
+
+    Ctrl-C that reaches this thread as KeyboardInterrupt stops the fit like ``stream.stop()``.
+    """
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = _engine.chunk_template(problem, config, vectors, scalars, data)
+        _remember(_TEMPLATES, key, template)
+    data = jax.device_put(data)  # once, not once per chunk
+    k = channel.first_k(key)
+    carry, first, stop = template, True, False
     try:
-        channel = _CHANNELS.get(int(np.asarray(token)))
-        if channel is None:  # nobody listens any more: ask the loop to stop
-            return np.int32(K_TRIALS_MAX), np.bool_(True)
-        n = int(np.asarray(count))
-        rows = np.array(np.asarray(buf)[:n], dtype=np.float64)
-        k, stop = channel.on_rows(rows, int(np.asarray(trials)))
-        return np.int32(k), np.bool_(stop)
-    except KeyboardInterrupt as e:  # Ctrl-C landed in the callback: stop cleanly
-        if channel is not None:
-            channel.on_keyboard_interrupt(e)
-        return np.int32(K_TRIALS_MAX), np.bool_(True)
-    except BaseException as e:  # never let a host error tear down the XLA computation
-        if channel is not None:
-            channel.interrupt = e
-        return np.int32(K_TRIALS_MAX), np.bool_(True)
+        while True:
+            st, info = _engine.solve_chunk(
+                problem, config, vectors, scalars, data, carry, np.bool_(first), np.int32(k)
+            )
+            buf, (filled, trials, status) = jax.device_get((st.emit.buf, info))
+            carry, first = st, False
+            k, stop = channel.on_rows(np.asarray(buf[:filled], np.float64), int(trials))
+            if status != _engine.RUNNING or stop:
+                break
+    except KeyboardInterrupt as e:  # Ctrl-C where no handler of ours caught it
+        if first:
+            raise
+        channel.on_keyboard_interrupt(e)
+        stop = True
+    out, row = _engine.finish_chunks(problem, config, carry, scalars, data, np.bool_(stop))
+    if stop:  # the iteration the fit stopped at is reported even when level 1 skipped it
+        row = np.asarray(row, np.float64)
+        if int(row[0]) > channel.last_iteration:
+            channel.on_rows(row[None, :])
+    return out

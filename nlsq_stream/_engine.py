@@ -106,7 +106,6 @@ class Output(NamedTuple):
     packed: Array
     fun: Array
     jac: Array
-    flushed: Array  # the last flush's answer: keeps the final callback alive in the program
 
 
 def _pack(st: State, m: int) -> Array:
@@ -199,27 +198,15 @@ def _lm_cosine(r: Array, g: Array, cost: Array) -> Array:
     return jnp.max(jnp.where(ok, jnp.abs(g) / jnp.where(ok, cn * fnorm, 1.0), 0.0))
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "config"))
-def solve(
-    problem: Problem,
-    config: Config,
-    vectors: Array,
-    scalars: Array,
-    data: Any,
-    emit_args: Any = None,
-) -> Output:
-    """Run a whole fit on the device. Returns final values; see ``Output``.
-
-    ``vectors`` stacks ``(x0, lb, ub, x_scale)`` (shape (4, n)) and ``scalars`` holds ``(ftol,
-    xtol, gtol, f_scale, max_nfev)``: few arguments make the per-call dispatch cheap.
-    """
+def _initial_state(
+    problem: Problem, config: Config, vectors: Array, scalars: Array, data: Any
+) -> State:
+    """Evaluate at ``x0`` and set up the loop (the first record, iteration 0, when watched)."""
     x0, lb, ub, x_scale = vectors[0], vectors[1], vectors[2], vectors[3]
-    ftol, xtol, gtol, f_scale = scalars[0], scalars[1], scalars[2], scalars[3]
+    gtol, f_scale = scalars[2], scalars[3]
     max_nfev = scalars[4].astype(jnp.int32)
     dtype = x0.dtype
     n = x0.shape[0]
-    f0_shape = jax.eval_shape(lambda x: problem.residual(x, data), x0).shape
-    m = f0_shape[0]
     ev0 = _evaluate(problem, config, x0, data, f_scale)
     g0 = ev0.r.T @ ev0.qtf
     if config.jac_scale:
@@ -256,10 +243,9 @@ def solve(
     emitter = config.emitter
     emit0 = None
     if emitter is not None:
-        emit0 = emitter.init(emit_args, n, dtype)
+        emit0 = emitter.init(n, dtype)
         emit0 = emitter.record(
             emit0,
-            emit_args,
             jnp.zeros((), jnp.int32),
             one_i,
             ev0.cost,
@@ -268,9 +254,7 @@ def solve(
             g_norm0,
             x0,
             ev0.finite,  # a start with non-finite residuals fails with no row
-            status0,
         )
-        status0 = jnp.where((status0 == RUNNING) & emit0.stop, STATUS_STOPPED, status0)
     state = State(
         x=x0,
         cost=ev0.cost,
@@ -290,9 +274,43 @@ def solve(
         xnorm=xnorm0.astype(dtype),
         emit=emit0,
     )
+    return state
+
+
+def _run(
+    problem: Problem,
+    config: Config,
+    vectors: Array,
+    scalars: Array,
+    data: Any,
+    chunk: tuple[State, Array, Array] | None = None,
+) -> State:
+    """The iteration loop, traced. With ``chunk = (carry, first, k)`` it runs at most ``k`` trials
+    (fewer when the record buffer fills up), from ``x0`` when ``first`` else from ``carry``.
+    """
+    lb, ub = vectors[1], vectors[2]
+    ftol, xtol, gtol, f_scale = scalars[0], scalars[1], scalars[2], scalars[3]
+    max_nfev = scalars[4].astype(jnp.int32)
+    dtype = vectors.dtype
+    m = jax.eval_shape(lambda x: problem.residual(x, data), vectors[0]).shape[0]
+    emitter = config.emitter
+    if chunk is None:
+        state = _initial_state(problem, config, vectors, scalars, data)
+    else:
+        carry, first, k = chunk
+
+        def resume() -> State:
+            return carry._replace(emit=emitter.start(carry.emit))  # an empty record buffer
+
+        state = lax.cond(
+            first, lambda: _initial_state(problem, config, vectors, scalars, data), resume
+        )
 
     def cond(st: State) -> Array:
-        return st.status == RUNNING
+        running = st.status == RUNNING
+        if chunk is None:
+            return running
+        return running & emitter.room(st.emit, k)
 
     def finish_iteration(
         st: State,
@@ -335,9 +353,8 @@ def solve(
         emit = st.emit
         if emitter is not None:
             emit = emitter.record(
-                emit, emit_args, nit, nfev, cost, reduction, step_norm, g_norm, x, done, status
+                emit, nit, nfev, cost, reduction, step_norm, g_norm, x, done, status != RUNNING
             )
-            status = jnp.where((status == RUNNING) & emit.stop, STATUS_STOPPED, status)
         return State(
             x=x,
             cost=cost,
@@ -474,11 +491,63 @@ def solve(
         )
 
     body = lm_body if config.method == "lm" else trf_body
-    st = lax.while_loop(cond, body, state)
-    flushed = jnp.zeros((), jnp.int32)
-    if emitter is not None:
-        flushed = emitter.flush(st.emit, emit_args)
+    return lax.while_loop(cond, body, state)
 
+
+def _finish(problem: Problem, config: Config, st: State, scalars: Array, data: Any) -> Output:
     f_final, jt_final = problem.residual_and_jt(st.x, data)
-    _, jts = _losses.scale_residuals_and_jacobian(config.loss, f_final, jt_final, f_scale)
-    return Output(packed=_pack(st, m), fun=f_final, jac=jts.T, flushed=flushed)
+    _, jts = _losses.scale_residuals_and_jacobian(config.loss, f_final, jt_final, scalars[3])
+    return Output(packed=_pack(st, f_final.shape[0]), fun=f_final, jac=jts.T)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "config"))
+def solve(problem: Problem, config: Config, vectors: Array, scalars: Array, data: Any) -> Output:
+    """Run a whole fit on the device, unwatched: one program, no host round trip at all.
+
+    ``vectors`` stacks ``(x0, lb, ub, x_scale)`` (shape (4, n)) and ``scalars`` holds ``(ftol,
+    xtol, gtol, f_scale, max_nfev)``: few arguments make the per-call dispatch cheap.
+    """
+    st = _run(problem, config, vectors, scalars, data)
+    return _finish(problem, config, st, scalars, data)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "config"))
+def solve_chunk(
+    problem: Problem,
+    config: Config,
+    vectors: Array,
+    scalars: Array,
+    data: Any,
+    carry: State,
+    first: Array,
+    k: Array,
+) -> tuple[State, Array]:
+    """Run a watched fit for at most ``k`` trials (see ``_emitter.run_chunks``).
+
+    Returns the state to continue from (its ``emit`` field holds this chunk's records, on the
+    device) and ``[records, trials, status]`` for the host. ``carry`` is ignored when ``first``.
+    """
+    st = _run(problem, config, vectors, scalars, data, (carry, first, k))
+    return st, jnp.stack([st.emit.filled, st.emit.trials, st.status])
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "config"))
+def finish_chunks(
+    problem: Problem, config: Config, st: State, scalars: Array, data: Any, stop: Array
+) -> tuple[Output, Array]:
+    """The result of a watched fit, and the record of its last iteration; ``stop`` ends a
+    still-running fit with status -2."""
+    st = st._replace(status=jnp.where(stop & (st.status == RUNNING), STATUS_STOPPED, st.status))
+    head = jnp.stack([st.nit, st.nfev]).astype(st.x.dtype)
+    row = jnp.concatenate([head, jnp.stack([st.cost, st.reduction, st.step_norm, st.g_norm]), st.x])
+    return _finish(problem, config, st, scalars, data), row
+
+
+def chunk_template(
+    problem: Problem, config: Config, vectors: Array, scalars: Array, data: Any
+) -> State:
+    """Zeros shaped like the loop state: the (ignored) ``carry`` of a watched fit's first chunk."""
+    shapes = jax.eval_shape(
+        functools.partial(_initial_state, problem, config), vectors, scalars, data
+    )
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)

@@ -96,18 +96,23 @@ def run(
     tols: tuple[float, float, float],
     f_scale: float,
     max_nfev: int,
-    emit_args: Any = None,
+    channel: Any = None,
+    key: Any = None,
 ) -> OptimizeResult:
-    """Run the compiled solver and build the scipy-shaped result (host values as numpy)."""
+    """Run the compiled solver and build the scipy-shaped result (host values as numpy).
+
+    With a ``channel`` (and ``config.emitter`` set) the fit runs in chunks whose records go to the
+    channel (see ``_emitter.run_chunks``); ``key`` names the problem for the channel's timing.
+    """
     dtype = x0.dtype
-    out = _engine.solve(
-        problem,
-        config,
-        np.stack([x0, lb, ub, x_scale]),
-        np.array([tols[0], tols[1], tols[2], f_scale, max_nfev], dtype),
-        data,
-        emit_args,
-    )
+    vectors = np.stack([x0, lb, ub, x_scale])
+    scalars = np.array([tols[0], tols[1], tols[2], f_scale, max_nfev], dtype)
+    if channel is None:
+        out = _engine.solve(problem, config, vectors, scalars, data)
+    else:
+        from ._emitter import run_chunks
+
+        out = run_chunks(channel, problem, config, vectors, scalars, data, key)
     v = _engine.unpack(np.asarray(out.packed), x0.shape[0])
     status = v["status"]
     if status == _engine.STATUS_NONFINITE_START:

@@ -9,13 +9,15 @@ has drained. It works inside Jupyter too, where the caller's thread already runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import threading
 import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,7 +66,18 @@ class PreparedFit:
             param_names=self.param_names,
             x0=np.asarray(self.x0, dtype=np.float64),
             time=time.time(),
+            max_nfev=int(self.max_nfev),
+            model=model_name(self.problem),
         )
+
+
+def model_name(problem: Any) -> str | None:
+    """The user's model (``curve_fit``) or residual function (``least_squares``) name, if any."""
+    fn = getattr(problem, "model", None) or getattr(problem, "fun", None)
+    if fn is None:
+        return None
+    name = getattr(fn, "__name__", None) or getattr(type(fn), "__name__", None)
+    return str(name) if name is not None else None
 
 
 def new_fit_id() -> str:
@@ -106,53 +119,40 @@ def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -
         )
     else:
         config = _engine.Config(**prep.config_kw, emitter=Emitter(level))
-        args = (prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale)
         key = (prep.problem, config, prep.x0.shape, prep.n_residuals, prep.x0.dtype.str)
-        args2 = (prep.tols, prep.f_scale, prep.max_nfev, channel.emit_args(key))
-        with channel:
-            channel.reset_clock()
-            if threading.current_thread() is threading.main_thread():
-                res = _run_interruptibly(channel, lambda: run(*args, *args2))
-            else:
-                res = run(*args, *args2)
-        if channel.interrupt is not None:
-            raise channel.interrupt
+        args = (prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale)
+        with _ctrl_c_stops(channel):
+            res = run(*args, prep.tols, prep.f_scale, prep.max_nfev, channel, key)
     if prep.finalize is not None:
         prep.finalize(res)
     return res
 
 
-def _run_interruptibly(channel: Channel, fn: Callable[[], OptimizeResult]) -> OptimizeResult:
-    """Run ``fn`` in a helper thread while the main thread waits where Ctrl-C can reach it.
-
-    XLA may execute the whole fit inside the dispatching call, and run host callbacks on its own
-    threads, so a main thread blocked in that call would not see SIGINT until the fit ended. Here
-    Ctrl-C asks the fit to stop (best parameters so far) and is re-raised once the sinks drained.
+@contextlib.contextmanager
+def _ctrl_c_stops(channel: Channel) -> Iterator[None]:
+    """While a watched fit runs in the main thread, Ctrl-C asks it to stop (best parameters so
+    far) instead of raising at once; the KeyboardInterrupt is re-raised once the sinks drained.
+    A second Ctrl-C raises at once. The fit runs in chunks of about 40 ms and the handler runs
+    between them, so the stop is prompt. Another thread, or a handler that is not Python's
+    default, is left alone (``_emitter.run_chunks`` still turns a KeyboardInterrupt into a stop).
     """
-    box: dict[str, Any] = {}
-    done = threading.Event()
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
 
-    def target() -> None:
-        try:
-            box["res"] = fn()
-        except BaseException as e:
-            box["err"] = e
-        finally:
-            done.set()
+    def on_sigint(signum: int, frame: Any) -> None:
+        if channel.keyboard_interrupt is not None:
+            raise KeyboardInterrupt
+        channel.on_keyboard_interrupt(KeyboardInterrupt())
 
-    worker = threading.Thread(target=target, name="nlsq_stream-solve")
-    worker.start()
-    # Wait on an Event, not on join(): an interrupted join() can corrupt the thread's state.
-    while not done.is_set():
-        try:
-            done.wait()
-        except KeyboardInterrupt as e:
-            channel.on_keyboard_interrupt(e)
-    worker.join()
-    if "err" in box:
-        raise box["err"]
-    res: OptimizeResult = box["res"]
-    return res
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _LIVE: weakref.WeakValueDictionary[str, Channel] = weakref.WeakValueDictionary()
@@ -205,16 +205,23 @@ def describe(error: BaseException | None) -> str:
 
 
 def with_display(sinks: Sequence[Any], verbose: int) -> list[Any]:
-    """``sinks`` plus, when ``verbose``, the default display (the console table), unless a sink
-    of that kind is already given (e.g. ``ConsoleSink(file=...)`` to send the table elsewhere)."""
+    """``sinks`` plus, when ``verbose``, the default display (the console table, or the notebook
+    widget inside Jupyter), unless a sink of that kind is already given (e.g.
+    ``ConsoleSink(file=...)`` to send the table elsewhere)."""
     out = list(sinks)
     if verbose:
         from .sinks import default_display
 
         display = default_display()
-        if not any(type(s) is type(display) for s in out):
+        if not any(_kind(s) is _kind(display) for s in out):
             out.insert(0, display)
     return out
+
+
+def _kind(sink: Any) -> type:
+    # A widget's class is a per-instance subclass (traitlets' add_traits); it names its kind.
+    kind: type = getattr(sink, "sink_kind", None) or type(sink)
+    return kind
 
 
 def run_sync(prep: PreparedFit) -> OptimizeResult:

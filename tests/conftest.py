@@ -31,10 +31,15 @@ THREAD_GRACE_S = 2.0
 
 
 def _live_threads() -> set[threading.Thread]:
+    # ``threading._DummyThread`` stands for a thread Python did not start: here, a worker of XLA's
+    # own pool that ran a host callback of the user's model (a ``pure_callback``). XLA keeps its
+    # pool for the life of the process; nlsq_stream starts and joins only real Thread objects.
     return {
         t
         for t in threading.enumerate()
-        if t.is_alive() and not t.name.startswith(HARNESS_THREAD_PREFIXES)
+        if t.is_alive()
+        and not t.name.startswith(HARNESS_THREAD_PREFIXES)
+        and not isinstance(t, threading._DummyThread)
     }
 
 

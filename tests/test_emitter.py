@@ -1,4 +1,4 @@
-"""Device-side emission: no callback when silent, gating on the device, batching, last batch."""
+"""Device-side emission: no callback at all, gating on the device, chunks, the last batch."""
 
 from __future__ import annotations
 
@@ -30,22 +30,26 @@ def _prep(verbose=2, **kw):
     return _curve_fit.prepare_curve_fit(model, x, y, p0=[0.01, -2.0], verbose=verbose, **kw)
 
 
-def _lowered_text(level):
+def _lowered_texts():
+    """The programs a silent fit and a watched fit run."""
     prep = _prep()
-    emitter = None if level == 0 else Emitter(level)
-    config = _engine.Config(**prep.config_kw, emitter=emitter)
-    args = (
-        np.stack([prep.x0, prep.lb, prep.ub, prep.x_scale]),
-        np.array([*prep.tols, prep.f_scale, prep.max_nfev]),
-        prep.data,
-        None if level == 0 else np.array([1, 1], np.int32),
+    vectors = np.stack([prep.x0, prep.lb, prep.ub, prep.x_scale])
+    scalars = np.array([*prep.tols, prep.f_scale, prep.max_nfev])
+    quiet = _engine.Config(**prep.config_kw)
+    silent = _engine.solve.trace(prep.problem, quiet, vectors, scalars, prep.data)
+    watched = _engine.Config(**prep.config_kw, emitter=Emitter(2))
+    carry = _engine.chunk_template(prep.problem, watched, vectors, scalars, prep.data)
+    chunk = _engine.solve_chunk.trace(
+        prep.problem, watched, vectors, scalars, prep.data, carry, np.bool_(True), np.int32(5)
     )
-    return _engine.solve.trace(prep.problem, config, *args).lower().as_text()
+    return silent.lower().as_text(), chunk.lower().as_text()
 
 
-def test_verbose_zero_compiles_no_callback():
-    assert "callback" not in _lowered_text(0)
-    assert "callback" in _lowered_text(2)
+def test_no_program_contains_a_host_callback():
+    silent, chunk = _lowered_texts()
+    assert "while" in silent and "while" in chunk  # the loops really are in there
+    for text in (silent, chunk):
+        assert "callback" not in text
 
 
 def _run(level, **kw):
@@ -60,7 +64,7 @@ def test_every_iteration_is_delivered_in_order_with_fewer_callbacks():
     its = rows[:, 0].astype(int)
     assert res.nit >= 15, "the test problem must need many iterations"
     assert its.tolist() == list(range(res.nit + 1))
-    # Records are batched: fewer host callbacks than records once the host has timed a batch.
+    # Records are batched: fewer chunks than records once the host has timed a chunk.
     assert channel.flushes < len(its)
     # The last row is the final state (the last partial batch is always delivered).
     np.testing.assert_array_equal(rows[-1, 6:], res.x)
@@ -77,8 +81,8 @@ def test_verbose_one_gates_every_tenth_on_device():
 
 
 def test_stop_request_ends_the_fit_with_status_minus_two():
-    # With no per-trial estimate for this problem the first flush comes after one trial, so a
-    # stop asked before the start is seen there (later fits start with a longer first batch).
+    # With no per-trial estimate for this problem the first chunk is one trial, so a stop asked
+    # before the start is seen after it (later fits start with a longer first chunk).
     _emitter._PER_TRIAL.clear()
     rows = []
     channel = Channel(lambda r, t: rows.append(r))
@@ -96,8 +100,8 @@ def test_silent_and_watched_fits_agree():
     assert a.nfev == b.nfev
 
 
-def test_emission_from_xla_threads_on_large_arrays():
-    """With large arrays XLA runs callbacks on its own threads; delivery must still work."""
+def test_emission_on_large_arrays():
+    """Large arrays (where XLA would run a host callback on its own threads) still deliver."""
     x = np.linspace(0, 4, 2_000_000)
     y = 3.0 * np.exp(-0.7 * x)
     prep = _curve_fit.prepare_curve_fit(model, x, y, p0=[1.0, 1.0], verbose=2)
