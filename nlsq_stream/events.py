@@ -8,7 +8,8 @@ increasing ``iteration``, then exactly one terminal event, :class:`FitFinished` 
 JSON schema (version 1), one object per event::
 
     {"schema": 1, "type": "FitStarted", "fit_id": str, "method": str, "n_params": int,
-     "n_residuals": int, "param_names": [str, ...], "x0": [float, ...], "time": float}
+     "n_residuals": int, "param_names": [str, ...], "x0": [float, ...], "time": float,
+     "max_nfev": int|null, "model": str|null}
     {"schema": 1, "type": "Iteration", "fit_id": str, "iteration": int, "nfev": int,
      "cost": float, "cost_reduction": float|null, "step_norm": float|null,
      "optimality": float, "params": [float, ...], "time": float}
@@ -19,7 +20,8 @@ JSON schema (version 1), one object per event::
 ``time`` is seconds since the epoch (``time.time()``) when the host received the event. Non-finite
 floats are written as ``NaN``, ``Infinity`` and ``-Infinity``, as Python's ``json`` does.
 ``result`` holds ``x`` (list), ``cost``, ``optimality``, ``nfev``, ``njev``, ``nit``, ``status``,
-``message`` and ``success``.
+``message`` and ``success``. ``max_nfev`` (the evaluation budget) and ``model`` (the model's
+name) were added later: readers treat a missing key as ``null``, and older readers ignore them.
 
 >>> e = Iteration("fit-1", 3, 4, 0.5, 0.1, 0.01, 1e-3, np.array([1.0, 2.0]), 0.0)
 >>> Iteration.from_json(e.to_json()) == e
@@ -106,7 +108,11 @@ def _jsonable(v: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FitStarted(_Event):
-    """A fit began. ``x0`` is the starting point (after it was made strictly feasible)."""
+    """A fit began. ``x0`` is the starting point (after it was made strictly feasible).
+
+    ``max_nfev`` is the fit's budget of function evaluations and ``model`` the name of the model
+    (``None`` when unknown, e.g. in logs written before these fields existed).
+    """
 
     TYPE: ClassVar[str] = "FitStarted"
     method: str
@@ -115,6 +121,8 @@ class FitStarted(_Event):
     param_names: tuple[str, ...]
     x0: np.ndarray
     time: float
+    max_nfev: int | None = None
+    model: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -222,6 +230,12 @@ def event_from_dict(d: Any) -> Event:
         names = _require(d, "param_names", (list,), "a list of strings")
         if not all(isinstance(s, str) for s in names):
             raise EventDecodeError("field 'param_names' must hold only strings")
+        max_nfev = d.get("max_nfev")
+        if max_nfev is not None and (isinstance(max_nfev, bool) or not isinstance(max_nfev, int)):
+            raise EventDecodeError("field 'max_nfev' must be an integer or null")
+        model = d.get("model")
+        if model is not None and not isinstance(model, str):
+            raise EventDecodeError("field 'model' must be a string or null")
         return FitStarted(
             fit_id,
             _require(d, "method", (str,), "a string"),
@@ -230,6 +244,8 @@ def event_from_dict(d: Any) -> Event:
             tuple(names),
             _float_list(d, "x0"),
             t,
+            max_nfev,
+            model,
         )
     if kind == "Iteration":
         red = d.get("cost_reduction")

@@ -32,7 +32,7 @@ from typing import IO, Any, Literal
 
 from .events import Event, FitFailed, FitFinished, FitStarted, Iteration
 
-__all__ = ["ConsoleSink", "JsonlSink", "LoggingSink", "default_display"]
+__all__ = ["ConsoleSink", "JsonlSink", "LoggingSink", "default_display", "in_notebook"]
 
 
 def _fmt_row(ev: Iteration) -> str:
@@ -208,6 +208,40 @@ class LoggingSink:
             )
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (the way ``tqdm.auto`` tells): IPython is running, as
+    ``ZMQInteractiveShell``, under an ``IPKernelApp``. Imports nothing that is not loaded yet.
+
+    >>> in_notebook()
+    False
+    """
+    ipython_mod = sys.modules.get("IPython")
+    if ipython_mod is None:  # no kernel runs without IPython already imported
+        return False
+    try:
+        shell = ipython_mod.get_ipython()
+    except Exception:
+        return False
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+        return False
+    try:
+        return "IPKernelApp" in shell.config
+    except Exception:
+        return False
+
+
 def default_display() -> Any:
-    """The sink ``verbose`` uses: the console table (the notebook widget inside Jupyter)."""
+    """The sink ``verbose`` adds: a :class:`~nlsq_stream.notebook.FitWidget` inside a Jupyter
+    kernel when the ``notebook`` extra is installed, else :class:`ConsoleSink` (scipy's table).
+
+    >>> type(default_display()).__name__
+    'ConsoleSink'
+    """
+    if in_notebook():
+        try:
+            from .notebook import FitWidget
+        except ImportError:  # the notebook extra (anywidget, ipywidgets) is not installed
+            pass
+        else:
+            return FitWidget()
     return ConsoleSink()

@@ -234,3 +234,17 @@ def test_event_from_dict_rejects_non_dict():
 def test_public_surface():
     assert set(events.__all__) >= {"FitStarted", "Iteration", "FitFinished", "FitFailed"}
     assert events.TERMINAL == (FitFinished, FitFailed)
+
+
+def test_fit_started_optional_fields_are_backward_compatible():
+    """``max_nfev`` and ``model`` came later: logs without them still decode (as None)."""
+    full = FitStarted("f", "trf", 1, 2, ("a",), np.zeros(1), 0.0, 300, "decay")
+    assert event_from_json(full.to_json()) == full
+    d = json.loads(full.to_json())
+    del d["max_nfev"], d["model"]
+    old = event_from_dict(d)
+    assert isinstance(old, FitStarted) and old.max_nfev is None and old.model is None
+    with pytest.raises(EventDecodeError, match="'max_nfev'"):
+        event_from_dict({**d, "max_nfev": 1.5})
+    with pytest.raises(EventDecodeError, match="'model'"):
+        event_from_dict({**d, "model": 3})

@@ -1,0 +1,363 @@
+"""nlsq_stream.notebook: FitWidget's state after event sequences, its throttle, its Stop button
+(through the widget's message handler and through the kernel's routing hook), and the notebook
+detection behind ``default_display``. No browser and no kernel here (see test_notebooks.py and
+test_browser.py for those)."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+from conftest import (
+    SLOW_TOLS,
+    assert_no_leftover_tasks,
+    decay_data,
+    decay_model,
+    live_tasks,
+    slow_args,
+    slow_residual,
+)
+
+pytest.importorskip("anywidget", reason="the notebook extra is not installed")
+pytest.importorskip("ipywidgets", reason="the notebook extra is not installed")
+
+import comm
+
+import nlsq_stream as ns
+from nlsq_stream import notebook
+from nlsq_stream.events import FitFailed, FitFinished, FitStarted, Iteration
+from nlsq_stream.notebook import MAX_POINTS, FitWidget
+from nlsq_stream.sinks import ConsoleSink, default_display, in_notebook
+
+X, Y, P0 = decay_data()
+LONG = slow_args(20_000)  # ~5000 iterations, about a second when not stopped
+TIMEOUT = 60
+FIT = "fit-test"
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def started(t=100.0, names=("a", "b"), max_nfev=300, model="decay"):
+    return FitStarted(FIT, "trf", len(names), 50, names, np.ones(len(names)), t, max_nfev, model)
+
+
+def iteration(i, cost, t, params=(1.0, 2.0)):
+    return Iteration(
+        FIT,
+        i,
+        i + 1,
+        cost,
+        None if i == 0 else 0.1,
+        None if i == 0 else 0.2,
+        1e-3,
+        np.array(params),
+        t,
+    )
+
+
+def finished(status=1, nit=3, t=102.0, message="`gtol` termination condition is satisfied."):
+    result = {
+        "x": np.array([2.0, 0.5]),
+        "cost": 0.01,
+        "optimality": 1e-9,
+        "nfev": nit + 1,
+        "njev": nit + 1,
+        "nit": nit,
+        "status": status,
+        "message": message,
+        "success": status > 0,
+    }
+    return FitFinished(FIT, result, t)
+
+
+def stop_message(fit_id=None):
+    """What ipykernel hands the widget's comm when the frontend's Stop button is clicked."""
+    content = {"type": "stop"} if fit_id is None else {"type": "stop", "fit_id": fit_id}
+    return {
+        "content": {"comm_id": "x", "data": {"method": "custom", "content": content}},
+        "buffers": [],
+    }
+
+
+# -- state after event sequences ---------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_state_after_a_converged_fit(anyio_backend):
+    w = FitWidget(auto_display=False)
+    assert (w.status, w.status_style, w.running) == ("waiting", "info", False)
+    await w.send(started())
+    assert (w.fit_id, w.model_name, w.method) == (FIT, "decay", "trf")
+    assert w.param_names == ["a", "b"] and w.params == [1.0, 1.0]
+    assert (w.status, w.status_style, w.running, w.max_nfev) == ("running", "info", True, 300)
+    await w.send_batch([iteration(0, 10.0, 100.5), iteration(1, 1.0, 101.0)])
+    assert (w.iteration, w.nfev, w.cost) == (1, 2, 1.0)
+    assert w.costs == [[0, 10.0], [1, 1.0]]
+    assert w.params == [1.0, 2.0]
+    assert w.elapsed == pytest.approx(1.0) and w.rate == pytest.approx(1.0)
+    await w.send_batch([iteration(2, 0.1, 101.5), iteration(3, 0.01, 101.9), finished()])
+    assert (w.status, w.status_style, w.running) == ("converged", "success", False)
+    assert (w.iteration, w.nfev, w.cost, w.optimality) == (3, 4, 0.01, 1e-9)
+    assert w.params == [2.0, 0.5]  # the result's best parameters
+    assert w.costs == [[0, 10.0], [1, 1.0], [2, 0.1], [3, 0.01]]
+    assert w.elapsed == pytest.approx(2.0) and w.rate == pytest.approx(1.5)
+    assert w.message == "`gtol` termination condition is satisfied."
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "text", "style"),
+    [(-2, "stopped", "warning"), (0, "not converged", "danger"), (2, "converged", "success")],
+)
+async def test_status_text_and_colour(anyio_backend, status, text, style):
+    w = FitWidget(auto_display=False)
+    await w.send_batch([started(), iteration(0, 1.0, 100.1), finished(status, nit=0)])
+    assert (w.status, w.status_style, w.running) == (text, style, False)
+
+
+@pytest.mark.anyio
+async def test_failed_fit_shows_the_error(anyio_backend):
+    w = FitWidget(auto_display=False)
+    await w.send_batch([started(), FitFailed(FIT, "ValueError", "model returned NaN", 101.0)])
+    assert (w.status, w.status_style, w.running) == ("failed", "danger", False)
+    assert w.message == "ValueError: model returned NaN"
+
+
+@pytest.mark.anyio
+async def test_user_text_is_kept_verbatim(anyio_backend):
+    """Names and messages reach the frontend as data; the ES module renders them as text."""
+    w = FitWidget(auto_display=False)
+    await w.send_batch([started(names=(XSS, "b"), model=XSS), finished(message=XSS)])
+    assert w.param_names == [XSS, "b"] and w.model_name == XSS and w.message == XSS
+    js = (Path(notebook.__file__).parent / "_static" / "fit_widget.js").read_text()
+    code = "\n".join(line for line in js.splitlines() if not line.lstrip().startswith("//"))
+    assert "innerHTML" not in code and "outerHTML" not in code and "insertAdjacentHTML" not in code
+
+
+@pytest.mark.anyio
+async def test_a_reused_widget_starts_fresh(anyio_backend):
+    w = FitWidget(auto_display=False)
+    await w.send_batch([started(), iteration(0, 5.0, 100.1), finished(-2, nit=0)])
+    await w.send_batch([started(t=200.0, names=("k",)), iteration(0, 3.0, 200.5)])
+    assert w.param_names == ["k"] and w.costs == [[0, 3.0]]
+    assert (w.status, w.running, w.stop_requested) == ("running", True, False)
+
+
+@pytest.mark.anyio
+async def test_old_log_without_max_nfev_or_model(anyio_backend):
+    w = FitWidget(auto_display=False)
+    await w.send(FitStarted(FIT, "lm", 1, 5, ("k",), np.zeros(1), 1.0))
+    assert (w.max_nfev, w.model_name) == (0, "")
+
+
+@pytest.mark.anyio
+async def test_nonfinite_costs_are_left_off_the_log_plot(anyio_backend):
+    w = FitWidget(auto_display=False)
+    await w.send_batch([started(), iteration(0, float("nan"), 100.1), iteration(1, 0.0, 100.2)])
+    await w.send_batch([iteration(2, float("inf"), 100.3), iteration(3, 2.0, 100.4)])
+    assert w.costs == [[3, 2.0]] and w.cost == 2.0
+
+
+# -- throttling and the cost curve's size -------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_updates_are_throttled_and_the_terminal_state_always_arrives(anyio_backend):
+    w = FitWidget(auto_display=False, max_rate=20)
+    t0 = time.monotonic()
+    await w.send(started())
+    i = 0
+    while time.monotonic() - t0 < 0.5:
+        await w.send(iteration(i, 1.0 / (i + 1), 100.0 + i))
+        i += 1
+    await w.send(finished(nit=i - 1))
+    wall = time.monotonic() - t0
+    # FitStarted and the terminal event go at once; iterations at most 20 a second.
+    assert w.updates <= 20 * wall + 3, (w.updates, wall)
+    assert w.status == "converged" and w.iteration == i - 1
+
+
+@pytest.mark.anyio
+async def test_the_cost_curve_is_thinned_to_max_points(anyio_backend):
+    w = FitWidget(auto_display=False, max_rate=1e9)
+    n = 5 * MAX_POINTS + 7
+    await w.send_batch([started(), *(iteration(i, 1.0 + 1.0 / (i + 1), 100.0) for i in range(n))])
+    its = [p[0] for p in w.costs]
+    assert len(its) <= MAX_POINTS + 1
+    assert its[0] == 0 and its[-1] == n - 1  # the start and the newest point are always there
+    assert all(a < b for a, b in itertools.pairwise(its))
+    assert len(its) > MAX_POINTS // 4
+
+
+def test_constructor_errors_name_the_argument():
+    with pytest.raises(ValueError, match="max_rate"):
+        FitWidget(max_rate=0)
+    with pytest.raises(TypeError, match="max_rate"):
+        FitWidget(max_rate="fast")
+    with pytest.raises(TypeError, match="title"):
+        FitWidget(title=3)
+
+
+# -- as a sink in real fits ---------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_leftover_threads")
+def test_sync_curve_fit_feeds_the_widget():
+    w = FitWidget(auto_display=False)
+    popt, _ = ns.curve_fit(decay_model, X, Y, p0=P0, sinks=[w])
+    assert (w.status, w.status_style, w.running) == ("converged", "success", False)
+    assert w.param_names == ["a", "b", "c"] and w.model_name == "decay_model"
+    np.testing.assert_allclose(w.params, popt)
+    assert w.max_nfev == 400 and 0 < w.nfev <= w.max_nfev  # method lm: 100 (n + 1)
+    assert w.costs[0][0] == 0 and w.costs[-1][0] == w.iteration
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("no_leftover_threads")
+async def test_a_fast_long_fit_sends_at_most_20_updates_a_second(anyio_backend):
+    before = live_tasks()
+    w = FitWidget(auto_display=False)
+    t0 = time.monotonic()
+    with anyio.fail_after(TIMEOUT):
+        async with ns.least_squares_stream(
+            slow_residual, [1.0], args=LONG, sinks=[w], **SLOW_TOLS
+        ) as stream:
+            async for _ in stream:
+                pass
+    wall = time.monotonic() - t0
+    assert stream.result.nit > 1000
+    assert w.updates <= 20 * wall + 3, (w.updates, wall)
+    assert w.iteration == stream.result.nit and w.status == "converged"
+    await assert_no_leftover_tasks(before)
+
+
+# -- the Stop button ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("no_leftover_threads")
+async def test_stop_button_message_stops_the_fit(anyio_backend):
+    """The frontend's message, through the comm's handler (as ipykernel delivers it)."""
+    before = live_tasks()
+    w = FitWidget(auto_display=False)
+    with anyio.fail_after(TIMEOUT):
+        async with ns.least_squares_stream(
+            slow_residual, [1.0], args=LONG, sinks=[w], **SLOW_TOLS
+        ) as stream:
+            n = 0
+            async for ev in stream:
+                n += isinstance(ev, Iteration)
+                if n == 2:
+                    while not w.running:  # the widget has seen FitStarted
+                        await anyio.sleep(0.005)
+                    w.comm.handle_msg(stop_message())
+    assert stream.result.status == -2 and "stopped" in stream.result.message
+    assert stream.result.nit < 4000
+    assert (w.status, w.status_style, w.stop_requested) == ("stopped", "warning", True)
+    np.testing.assert_allclose(w.params, stream.result.x)
+    await assert_no_leftover_tasks(before)
+
+
+def test_stop_without_a_fit_is_a_no_op():
+    w = FitWidget(auto_display=False)
+    assert w.stop() is False
+    w.comm.handle_msg(stop_message("fit-unknown"))
+    assert w.status == "waiting"
+
+
+class RoutingComm(comm.DummyComm):
+    """Stands in for ipykernel 7's comm: the shell-channel thread asks it where a message goes."""
+
+    def _reply_subshell_for(self, data, default):
+        return default
+
+
+@pytest.mark.usefixtures("no_leftover_threads")
+def test_stop_acts_in_the_kernels_routing_hook_while_the_cell_blocks(monkeypatch):
+    """A sync fit blocks this (the cell's) thread; another thread -- ipykernel's shell-channel
+    thread -- routes the Stop message, and that alone stops the fit."""
+    monkeypatch.setattr(comm, "create_comm", lambda **kw: RoutingComm(**kw))
+    w = FitWidget(auto_display=False)
+    assert isinstance(w.comm, RoutingComm)
+    routed: list[object] = []
+
+    def shell_channel_thread() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while w.iteration < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        data = stop_message()["content"]["data"]
+        routed.append(w.comm._reply_subshell_for(data, "subshell-1"))
+        routed.append(w.comm._reply_subshell_for({"method": "update", "state": {}}, None))
+
+    helper = threading.Thread(target=shell_channel_thread)
+    helper.start()
+    try:
+        res = ns.least_squares(slow_residual, [1.0], args=LONG, sinks=[w], **SLOW_TOLS)
+    finally:
+        helper.join()
+    assert routed == ["subshell-1", None]  # routing itself is unchanged
+    assert res.status == -2 and res.nit < 4000
+    assert w.status == "stopped"
+
+
+# -- default display and detection -------------------------------------------------------------
+
+
+def test_outside_jupyter_the_default_display_is_the_console_table():
+    assert in_notebook() is False
+    assert isinstance(default_display(), ConsoleSink)
+
+
+def fake_ipython(shell_name="ZMQInteractiveShell", config=None):
+    shell_cls = type(shell_name, (), {})
+    shell = shell_cls()
+    shell.config = {"IPKernelApp": {}} if config is None else config
+    return types.SimpleNamespace(get_ipython=lambda: shell)
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (fake_ipython(), True),
+        (fake_ipython(config={}), False),  # IPython with ZMQ but not under IPKernelApp
+        (fake_ipython("TerminalInteractiveShell"), False),
+        (types.SimpleNamespace(get_ipython=lambda: None), False),
+    ],
+)
+def test_notebook_detection(monkeypatch, module, expected):
+    monkeypatch.setitem(sys.modules, "IPython", module)
+    assert in_notebook() is expected
+    assert isinstance(default_display(), FitWidget if expected else ConsoleSink)
+
+
+def test_in_a_kernel_without_the_notebook_extra_the_console_table_is_used(monkeypatch):
+    monkeypatch.setitem(sys.modules, "IPython", fake_ipython())
+    monkeypatch.setitem(sys.modules, "nlsq_stream.notebook", None)  # import fails
+    assert isinstance(default_display(), ConsoleSink)
+
+
+def test_verbose_in_a_notebook_shows_the_widget(monkeypatch):
+    from nlsq_stream._pipeline import with_display
+
+    monkeypatch.setitem(sys.modules, "IPython", fake_ipython())
+    (display,) = with_display([], verbose=2)
+    assert isinstance(display, FitWidget)
+    given = FitWidget(auto_display=False)
+    assert with_display([given], verbose=2) == [given]  # not a second one
+
+
+def test_importing_the_package_does_not_import_the_widget_stack():
+    code = (
+        "import sys, nlsq_stream, nlsq_stream.sinks; "
+        "print(sorted(m for m in ('anywidget', 'ipywidgets', 'IPython', 'nlsq_stream.notebook') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
