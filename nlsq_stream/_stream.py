@@ -184,6 +184,7 @@ class FitStream:
 
     @property
     def sink_errors(self) -> list[str]:
+        """One message per sink that raised and was detached (empty when none did)."""
         return list(self._runner.errors) if self._runner is not None else []
 
     def stop(self) -> None:
@@ -309,11 +310,15 @@ def fit_stream(
     Arguments are validated now (errors raise here, before any thread starts); the fit starts when
     the stream is entered or first iterated. ``policy`` is this consumer's buffer policy.
 
-    >>> async def main():                                   # doctest: +SKIP
-    ...     async with fit_stream(model, x, y, p0=[1, 1, 0]) as stream:
-    ...         async for event in stream:
-    ...             print(event)
-    ...     return stream.result.popt
+    >>> import anyio, jax.numpy as jnp, numpy as np
+    >>> x = np.linspace(0, 4, 50)
+    >>> async def main():
+    ...     model = lambda x, a, b: a * jnp.exp(-b * x)
+    ...     async with fit_stream(model, x, 3.0 * np.exp(-0.5 * x), p0=[1.0, 1.0]) as stream:
+    ...         kinds = [type(event).__name__ async for event in stream]
+    ...     return kinds[0], kinds[-1], np.round(stream.result.popt, 6).tolist()
+    >>> anyio.run(main)
+    ('FitStarted', 'FitFinished', [3.0, 0.5])
     """
     from ._curve_fit import prepare_curve_fit
     from ._hub import POLICIES
@@ -349,10 +354,15 @@ def least_squares_stream(
 class subscribe:
     """Follow every event published on the hub (all fits, and the async logger) in this loop.
 
-    >>> async def watch():                                  # doctest: +SKIP
-    ...     async with subscribe() as events:
-    ...         async for event in events:
-    ...             print(event)
+    >>> import anyio
+    >>> from nlsq_stream.async_logger import log_iteration_async
+    >>> async def watch():
+    ...     async with subscribe("async_logger") as events:
+    ...         log_iteration_async(7, 0.5, 0.01, verbose=2)   # publishes one Iteration
+    ...         event = await events.receive()
+    ...     return event.fit_id, event.iteration, event.cost
+    >>> anyio.run(watch)
+    ('async_logger', 7, 0.5)
     """
 
     def __init__(self, fit_id: str | None = None, policy: Policy = "lossless") -> None:

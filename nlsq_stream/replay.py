@@ -5,9 +5,17 @@ unknown event type, JSON nested too deeply, a line over the size limit -- is rep
 :class:`ReplayWarning` naming the file, the line number and the reason, and skipped; the good
 lines still come through. A torn last line (a crash mid-write) is reported the same way.
 
->>> async def show(path):                                   # doctest: +SKIP
+>>> import anyio, os, tempfile
+>>> from nlsq_stream.events import FitFailed
+>>> async def show(path):
 ...     async for event in replay(path):
-...         print(event)
+...         print(type(event).__name__, event.message)
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     path = os.path.join(tmp, "fit.jsonl")
+...     with open(path, "w") as f:
+...         print(FitFailed("fit-1", "ValueError", "bad model", 0.0).to_json(), file=f)
+...     anyio.run(show, path)
+FitFailed bad model
 """
 
 from __future__ import annotations
