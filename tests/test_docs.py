@@ -83,3 +83,17 @@ def test_every_page_is_in_the_toctree():
     pages = {p.stem for p in DOCS.glob("*.rst")} - {"index"}
     listed = set(re.findall(r"^   (\w+)$", index, re.M))
     assert pages <= listed, f"pages missing from the toctree: {sorted(pages - listed)}"
+
+
+def test_readme_example_runs():
+    """The README's ten-line example, run as a script in a fresh interpreter."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) <= 12, blocks
+    script = blocks[0] + "\nprint('popt', [round(float(v), 2) for v in popt])\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "Iteration     Total nfev" in proc.stdout
+    assert "popt [2.5, 1.3, 0.5]" in proc.stdout, proc.stdout[-3000:]
