@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # build from a checkout even when the package is not installed
+sys.path.insert(0, str(ROOT / "docs"))  # doc_example: the model the pages' hidden set-up shares
 
 import nlsq_stream  # noqa: E402
 
