@@ -97,3 +97,19 @@ def test_readme_example_runs():
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "Iteration     Total nfev" in proc.stdout
     assert "popt [2.5, 1.3, 0.5]" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_fault_table_names_existing_tests():
+    """Every test the fault table cites (``test_x``, ``file.py::test_x``, ``test_prefix_*``)
+    exists, so the table cannot point at a renamed or deleted test."""
+    table = (DOCS / "faults.rst").read_text(encoding="utf-8")
+    cited = {c for c, py in re.findall(r"\b(test_\w+\*?)(\.py)?", table) if not py}
+    assert cited, "the fault table cites no test"
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
+    defined = set(re.findall(r"^\s*(?:async )?def (test_\w+)", sources, re.M))
+    missing = [
+        c
+        for c in sorted(cited)
+        if not any(re.fullmatch(c.replace("*", r"\w*"), d) for d in defined)
+    ]
+    assert not missing, f"docs/faults.rst cites tests that do not exist: {missing}"
