@@ -1,0 +1,278 @@
+"""The quickstart notebook in a real browser: JupyterLab on 127.0.0.1 (random port, token) and
+headless Chromium driven by Playwright.
+
+Asserted from the DOM: the first fit's widget drew points and reads "converged"; clicking Stop on
+the long fit ends it early with status "stopped" (its cell still running: the sync fit blocks the
+kernel); user text (a model name, a parameter name and a message like
+``<img src=x onerror=alert(1)>``) renders as literal text and creates no element.
+
+The screenshot is saved as ``quickstart.png`` in the test's ``tmp_path`` and, when the environment
+variable ``NLSQ_STREAM_ARTIFACTS`` names a directory, copied there (CI keeps it as an artefact).
+
+Needs Debian's ``chromium`` at /usr/bin/chromium (Playwright cannot download its own browser
+here; ``.ci/run`` installs it), ``playwright``, ``jupyterlab`` and the notebook extra; skipped with
+the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+
+CHROMIUM = Path(os.environ.get("NLSQ_STREAM_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+REPO = Path(__file__).resolve().parents[1]
+XSS = "<img src=x onerror=alert(1)>"
+SERVER_START_S = 90
+CELL_S = 150  # the slowest wait: kernel start, imports and the first compile, on a busy machine
+
+# Appended to the test's copy of the quickstart: hostile user text, fed to a widget as events.
+XSS_CELL = f"""
+from nlsq_stream.events import FitFinished, FitStarted, Iteration
+from nlsq_stream.notebook import FitWidget
+
+XSS = {XSS!r}
+xss_widget = FitWidget()
+await xss_widget.send_batch([
+    FitStarted("fit-xss", "trf", 1, 2, (XSS,), np.zeros(1), 0.0, 10, XSS),
+    Iteration("fit-xss", 0, 1, 1.0, None, None, 0.1, np.ones(1), 0.5),
+    FitFinished("fit-xss", {{"x": np.ones(1), "cost": 0.5, "optimality": 0.0, "nfev": 2,
+                            "njev": 2, "nit": 1, "status": 1, "message": XSS,
+                            "success": True}}, 1.0),
+])
+"""
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _requirements() -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does it)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    pytest.importorskip("jupyterlab", reason="jupyterlab is not installed")
+    pytest.importorskip("anywidget", reason="the notebook extra is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, token: str, method: str = "GET") -> object:
+    req = urllib.request.Request(url, method=method, headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        body = r.read()
+    return json.loads(body) if body else None
+
+
+def _processes_under(marker: str) -> list[int]:
+    """Pids whose command line mentions ``marker`` (our private runtime dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def jupyterlab(root: Path, home: Path) -> Iterator[str]:
+    """JupyterLab serving ``root`` on 127.0.0.1, a random port and a token; yields the base URL
+    with the token. Everything it writes (config, runtime, settings, workspaces) is under
+    ``home``. On exit its kernels are shut down and the server and any kernel left are ended."""
+    port, token = _free_port(), secrets.token_hex(16)
+    runtime = home / "runtime"
+    settings = home / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    # No news or update checks: the network is closed and their toasts cover the page.
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
+    spec = home / "data" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "Python 3 (test)", "language": "python"})
+    )
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(runtime),
+        JUPYTER_PATH=str(home / "data"),
+        JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+        JUPYTER_PLATFORM_DIRS="1",
+        JAX_PLATFORMS="cpu",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--port-retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.expose_app_in_browser=True",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.news_url=",
+        "--ServerApp.allow_remote_access=False",
+        "--allow-root",  # CI runs as root
+    ]
+    log = (home / "jupyterlab.log").open("wb")
+    server = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"JupyterLab exited: {(home / 'jupyterlab.log').read_text()[-3000:]}")
+            try:
+                _get(f"{base}/api/status", token)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"JupyterLab did not answer within {SERVER_START_S} s")
+                time.sleep(0.3)
+        yield f"{base}?token={token}"
+    finally:
+        with contextlib.suppress(Exception):
+            for k in _get(f"{base}/api/kernels", token) or []:  # type: ignore[union-attr]
+                _get(f"{base}/api/kernels/{k['id']}", token, method="DELETE")
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+        log.close()
+        left = _processes_under(str(runtime))  # kernels launched by this server
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left behind by JupyterLab: {left}"
+
+
+def _save_artifact(src: Path) -> None:
+    dest = os.environ.get("NLSQ_STREAM_ARTIFACTS")
+    if dest:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, Path(dest) / src.name)
+
+
+def test_quickstart_in_jupyterlab(tmp_path):
+    _requirements()
+    from playwright.sync_api import expect, sync_playwright
+
+    root = tmp_path / "root"
+    root.mkdir()
+    nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(XSS_CELL))
+    nbformat.write(nb, root / "quickstart.ipynb")
+    shot = tmp_path / "quickstart.png"
+
+    with jupyterlab(root, tmp_path / "home") as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 2400})
+            dialogs: list[str] = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(url.replace("?", "/lab/tree/quickstart.ipynb?"))
+            page.wait_for_function(
+                "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                " && window.jupyterapp.shell.currentWidget.sessionContext"
+                " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+                " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel",
+                timeout=CELL_S * 1000,
+            )
+            # Not awaited: the command's promise settles only when every cell has run.
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            widgets = page.locator("[data-nlsq=root]")
+
+            # 1. The first fit: points drawn, status converged.
+            first = widgets.nth(0)
+            expect(first).to_have_attribute("data-status", "converged", timeout=CELL_S * 1000)
+            plot = first.locator("svg[data-nlsq=plot]")
+            assert int(plot.get_attribute("data-npoints")) >= 3
+            assert plot.locator("circle.nlsq-point").count() >= 3
+            assert first.locator("[data-nlsq=status]").inner_text() == "converged"
+            assert "amplitude" in first.locator("[data-nlsq=params]").inner_text()
+
+            # 2. The long fit: Stop while its cell runs; it ends early, stopped.
+            long = widgets.nth(1)
+            expect(long).to_have_attribute("data-status", "running", timeout=CELL_S * 1000)
+            page.wait_for_function(
+                "el => /iteration ([0-9]+)/.exec(el.textContent) &&"
+                " +/iteration ([0-9]+)/.exec(el.textContent)[1] >= 20",
+                arg=long.locator("[data-nlsq=counts]").element_handle(),
+                timeout=CELL_S * 1000,
+            )
+            long.locator("[data-nlsq=stop]").click()
+            clicked = time.monotonic()
+            expect(long).to_have_attribute("data-status", "stopped", timeout=60_000)
+            stopped_after = time.monotonic() - clicked
+            assert long.locator("[data-nlsq=status]").inner_text() == "stopped"
+            text = page.locator(".jp-OutputArea-output", has_text="evaluations; a =")
+            expect(text).to_have_count(1, timeout=60_000)
+            printed = text.inner_text()
+            assert "stopped" in printed, printed
+            nfev = int(re.search(r"after (\d+) evaluations", printed).group(1))
+            assert nfev < 4000, printed  # unstopped: ~4900
+            assert stopped_after < 30, stopped_after
+
+            # 3. Hostile text renders as text.
+            xss = widgets.nth(2)
+            expect(xss).to_have_attribute("data-status", "converged", timeout=CELL_S * 1000)
+            assert XSS in xss.locator("[data-nlsq=title]").inner_text()
+            assert xss.locator(".nlsq-pname").inner_text() == XSS
+            assert xss.locator("[data-nlsq=message]").inner_text() == XSS
+            assert page.locator("img[src='x']").count() == 0
+            assert xss.locator("img").count() == 0
+            assert dialogs == []
+
+            long.scroll_into_view_if_needed()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            if not shot.exists():
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(shot), full_page=True)  # the state at failure
+            if shot.exists():
+                _save_artifact(shot)
+            browser.close()
+    assert shot.stat().st_size > 10_000
