@@ -32,7 +32,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands ``demo`` and ``bench``)."""
+    """The argument parser (subcommands ``demo``, ``bench``, ``replay`` and ``summary``)."""
     parser = argparse.ArgumentParser(
         prog="nlsq-stream",
         description="nlsq_stream: JAX nonlinear least squares you can watch while it runs.",

@@ -102,7 +102,7 @@ class JsonlSink:
     Each batch is written with a single unbuffered ``write``, so after a crash (even SIGKILL) every
     complete line in the file parses; the file is fsync'ed when the fit ends.
 
-    >>> sink = JsonlSink("fit.jsonl")  # doctest: +SKIP
+    >>> sink = JsonlSink("fit.jsonl")   # nothing is opened until the first event
     """
 
     policy: Literal["lossless", "latest"] = "lossless"
