@@ -14,20 +14,28 @@ updates a second, whatever the fit's speed: between updates it sleeps, and meanw
 only the newest Iteration for it. FitStarted and the terminal state always reach the frontend.
 The cost curve keeps at most ``MAX_POINTS`` points (older ones are thinned, the newest kept).
 
-**The Stop button while a cell blocks.** ``curve_fit(..., verbose=2)`` blocks the cell; ipykernel
-handles the widget messages from the frontend (comm messages on the shell channel) in that same
-blocked main thread, so a plain ``on_msg`` handler would only run after the fit (ipykernel #646).
-The pattern used here handles the Stop message *off the blocked thread*: ipykernel 7 receives every
-shell message on its shell-channel thread, which asks the target comm where to route it
-(``comm._reply_subshell_for(data, default)``, the hook that sends widget replies to subshells).
-``FitWidget`` wraps that hook on its own comm: when the message is a Stop it calls
-:func:`nlsq_stream.stop_fit` right there -- setting a ``threading.Event``, nothing else -- and then
-routes the message as before, so the regular handler still runs (later, and harmlessly). The fit
-sees the request at its next flush (tens of milliseconds), ends with status -2 and keeps its best
-parameters. It needs ipykernel >= 7.4; with an older kernel Stop works whenever the kernel is idle
-or awaiting, e.g. an awaited ``fit_stream`` or one run as a background task
-(``asyncio.create_task``), and the kernel's interrupt (Ctrl-C) stops a blocking fit the same way.
-Nothing is polled, no message is reordered, and non-Stop messages are untouched.
+**The Stop button while a cell blocks.** ``curve_fit(..., verbose=2)`` blocks the cell's thread
+until the fit ends, and ipykernel handles the frontend's widget messages (comm messages on the
+shell channel) on that same main thread, so a plain ``on_msg`` handler would run only after the
+fit (ipykernel #646). JupyterLab >= 4.4 sends each comm's messages on a kernel subshell, but
+ipykernel 7.4 routes them back to the shell that last published on the comm -- the main shell, for
+a widget shown by a cell -- so they wait all the same (seen with ipykernel 7.4, JupyterLab 4.6).
+
+So the Stop message is handled *off the blocked thread*. ipykernel 7 receives every shell message
+on its shell-channel thread, which asks the target comm where to route it
+(``comm._reply_subshell_for(data, default)``). ``FitWidget`` wraps that hook on its own comm: for
+a Stop message it calls :func:`nlsq_stream.stop_fit` right there, which only sets a
+``threading.Event``, and then routes the message unchanged, so the regular handler still runs
+later (harmlessly). The fit sees the request between two chunks of its compiled loop, ends with
+status -2 and keeps its best parameters. Nothing is polled, no message is consumed, reordered or
+replayed, and other messages are untouched. The hook is private to ipykernel, so
+``tests/test_notebooks.py`` pins the behaviour on a real kernel (a Stop sent while
+``curve_fit(verbose=2)`` blocks must end the fit early) and ``tests/test_browser.py`` clicks the
+button in JupyterLab. Where the hook is missing (an older ipykernel), Stop acts once the kernel is
+free to read messages: await ``fit_stream`` in the cell (ipykernel >= 7.4 dispatches comm messages
+while an async cell awaits) or run it as a background task (``asyncio.create_task``); the kernel's
+interrupt button stops a blocking fit the same way (best parameters kept, then
+``KeyboardInterrupt``).
 
 >>> from nlsq_stream.notebook import FitWidget          # doctest: +SKIP
 >>> popt, pcov = curve_fit(model, x, y, p0=p0, sinks=[FitWidget()])  # doctest: +SKIP
@@ -86,7 +94,7 @@ def _finite(v: float | None) -> float | None:
     return v if math.isfinite(v) else None
 
 
-class FitWidget(anywidget.AnyWidget):  # type: ignore[misc]
+class FitWidget(anywidget.AnyWidget):
     """Live view of a fit in a notebook, and a sink that feeds it. Reusable for several fits.
 
     :param max_rate: most frontend updates a second (default 20).
