@@ -51,6 +51,15 @@ autodoc_mock_imports = [
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
+# Every cross-reference to nlsq_stream's public names must resolve (a typo fails the -W build).
+# Without intersphinx, references outside the package (numpy, collections.abc, ...) cannot resolve,
+# and type hints may name private classes: those are ignored.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(?!nlsq_stream\.).*"),
+    (r"py:.*", r"nlsq_stream\._.*"),
+]
+
 # sphinx.ext.doctest runs every example: ``.. doctest::`` and ``.. testcode::`` blocks on the
 # pages, and the ``>>>`` examples of every docstring that autodoc renders (doctest blocks outside
 # a directive belong to the ``default`` group). Each page's group shares one namespace.
