@@ -113,3 +113,12 @@ def test_fault_table_names_existing_tests():
         if not any(re.fullmatch(c.replace("*", r"\w*"), d) for d in defined)
     ]
     assert not missing, f"docs/faults.rst cites tests that do not exist: {missing}"
+
+
+def test_readme_links_point_at_existing_pages():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#\s]+)\)", readme)
+    local = [link for link in links if "://" not in link]
+    assert any(link.startswith("docs/") for link in local), links
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
