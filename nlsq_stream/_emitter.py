@@ -177,36 +177,44 @@ def run_chunks(
     scalars: np.ndarray,
     data: Any,
     key: Any,
-) -> _engine.Output:
+) -> tuple[dict[str, Any], Any, Any]:
     """Run a watched fit chunk by chunk, handing each chunk's records to ``channel``.
 
-    Ctrl-C that reaches this thread as KeyboardInterrupt stops the fit like ``stream.stop()``.
+    Returns the results as ``_engine.unpack`` gives them (status -2 when stopped) and the final
+    ``fun`` and ``jac``, dispatched but not waited for. Ctrl-C that reaches this thread as
+    KeyboardInterrupt stops the fit like ``stream.stop()``.
     """
     template = _TEMPLATES.get(key)
     if template is None:
-        template = _engine.chunk_template(problem, config, vectors, scalars, data)
+        template = jax.device_put(_engine.chunk_template(problem, config, vectors, scalars, data))
         _remember(_TEMPLATES, key, template)
-    data = jax.device_put(data)  # once, not once per chunk
+    n = vectors.shape[1]
     k = channel.first_k(key)
-    carry, first, stop = template, True, False
+    carry, first = template, True
+    v: dict[str, Any] | None = None
+    current: np.ndarray | None = None
     try:
         while True:
-            st, info = _engine.solve_chunk(
+            flat, packed = _engine.solve_chunk(
                 problem, config, vectors, scalars, data, carry, np.bool_(first), np.int32(k)
             )
-            buf, (filled, trials, status) = jax.device_get((st.emit.buf, info))
-            carry, first = st, False
-            k, stop = channel.on_rows(np.asarray(buf[:filled], np.float64), int(trials))
-            if status != _engine.RUNNING or stop:
+            v, rows, trials, current = _engine.unpack_chunk(np.asarray(packed), n)
+            carry = flat
+            k, stop = channel.on_rows(np.asarray(rows, np.float64), trials)
+            if v["status"] != _engine.RUNNING or stop:
                 break
+            if first:  # more chunks follow: move the data to the device once, not once per chunk
+                data = jax.device_put(data)
+            first = False
     except KeyboardInterrupt as e:  # Ctrl-C where no handler of ours caught it
-        if first:
+        if v is None:
             raise
         channel.on_keyboard_interrupt(e)
-        stop = True
-    out, row = _engine.finish_chunks(problem, config, carry, scalars, data, np.bool_(stop))
-    if stop:  # the iteration the fit stopped at is reported even when level 1 skipped it
-        row = np.asarray(row, np.float64)
-        if int(row[0]) > channel.last_iteration:
-            channel.on_rows(row[None, :])
-    return out
+    assert v is not None and current is not None
+    if v["status"] == _engine.RUNNING:  # stopped between chunks
+        v["status"] = _engine.STATUS_STOPPED
+        # The iteration the fit stopped at is reported even where level 1 skipped it.
+        if int(current[0]) > channel.last_iteration:
+            channel.on_rows(np.asarray(current[None, :], np.float64))
+    fun, jac = _engine.fun_and_jac(problem, config, v["x"], scalars, data)
+    return v, fun, jac

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
@@ -283,10 +284,11 @@ def _run(
     vectors: Array,
     scalars: Array,
     data: Any,
-    chunk: tuple[State, Array, Array] | None = None,
+    chunk: tuple[Array, Array, Array] | None = None,
 ) -> State:
     """The iteration loop, traced. With ``chunk = (carry, first, k)`` it runs at most ``k`` trials
-    (fewer when the record buffer fills up), from ``x0`` when ``first`` else from ``carry``.
+    (fewer when the record buffer fills up), from ``x0`` when ``first`` else from ``carry`` (a
+    state flattened by ``_flatten``).
     """
     lb, ub = vectors[1], vectors[2]
     ftol, xtol, gtol, f_scale = scalars[0], scalars[1], scalars[2], scalars[3]
@@ -300,7 +302,9 @@ def _run(
         carry, first, k = chunk
 
         def resume() -> State:
-            return carry._replace(emit=emitter.start(carry.emit))  # an empty record buffer
+            unflatten = _flatten_spec(problem, config, vectors, scalars, data)
+            # A chunk starts with an empty record buffer.
+            return unflatten(carry)._replace(emit=emitter.init(vectors.shape[1], dtype))
 
         state = lax.cond(
             first, lambda: _initial_state(problem, config, vectors, scalars, data), resume
@@ -511,6 +515,24 @@ def solve(problem: Problem, config: Config, vectors: Array, scalars: Array, data
     return _finish(problem, config, st, scalars, data)
 
 
+def _flatten(st: State) -> Array:
+    """The loop state (without records) as one vector: a chunk's carry is a single array, so a
+    chunk call passes and returns few buffers. Counters are exact in the float dtype."""
+    return jax.flatten_util.ravel_pytree(st._replace(emit=None))[0]
+
+
+def _flatten_spec(
+    problem: Problem, config: Config, vectors: Array, scalars: Array, data: Any
+) -> Callable[[Array], State]:
+    shapes = jax.eval_shape(
+        functools.partial(_initial_state, problem, config), vectors, scalars, data
+    )
+    zeros = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), shapes._replace(emit=None)
+    )
+    return jax.flatten_util.ravel_pytree(zeros)[1]
+
+
 @functools.partial(jax.jit, static_argnames=("problem", "config"))
 def solve_chunk(
     problem: Problem,
@@ -518,36 +540,52 @@ def solve_chunk(
     vectors: Array,
     scalars: Array,
     data: Any,
-    carry: State,
+    carry: Array,
     first: Array,
     k: Array,
-) -> tuple[State, Array]:
+) -> tuple[Array, Array]:
     """Run a watched fit for at most ``k`` trials (see ``_emitter.run_chunks``).
 
-    Returns the state to continue from (its ``emit`` field holds this chunk's records, on the
-    device) and ``[records, trials, status]`` for the host. ``carry`` is ignored when ``first``.
+    Returns the state to continue from (flat, stays on the device; ignored when ``first``) and,
+    for the host in one transfer, ``_pack``'s results, then ``[records, trials, reduction,
+    step_norm]``, then the record buffer: see ``unpack_chunk``.
     """
     st = _run(problem, config, vectors, scalars, data, (carry, first, k))
-    return st, jnp.stack([st.emit.filled, st.emit.trials, st.status])
+    m = jax.eval_shape(lambda x: problem.residual(x, data), vectors[0]).shape[0]
+    e = st.emit
+    dtype = vectors.dtype
+    info = jnp.stack([e.filled.astype(dtype), e.trials.astype(dtype), st.reduction, st.step_norm])
+    return _flatten(st), jnp.concatenate([_pack(st, m), info, e.buf.reshape(-1)])
+
+
+def unpack_chunk(packed: np.ndarray, n: int) -> tuple[dict[str, Any], np.ndarray, int, np.ndarray]:
+    """Host side of ``solve_chunk``: (results as ``unpack``, this chunk's record rows, trials,
+    the record of the current state)."""
+    end = 2 * n + n * n + 6
+    v = unpack(packed[:end], n)
+    filled, trials, reduction, step_norm = packed[end : end + 4].tolist()
+    rows = packed[end + 4 :].reshape(-1, n + 6)[: int(filled)]
+    head = [v["nit"], v["nfev"], v["cost"], reduction, step_norm, v["optimality"]]
+    current = np.concatenate([np.asarray(head, packed.dtype), v["x"]])
+    return v, rows, int(trials), current
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "config"))
-def finish_chunks(
-    problem: Problem, config: Config, st: State, scalars: Array, data: Any, stop: Array
-) -> tuple[Output, Array]:
-    """The result of a watched fit, and the record of its last iteration; ``stop`` ends a
-    still-running fit with status -2."""
-    st = st._replace(status=jnp.where(stop & (st.status == RUNNING), STATUS_STOPPED, st.status))
-    head = jnp.stack([st.nit, st.nfev]).astype(st.x.dtype)
-    row = jnp.concatenate([head, jnp.stack([st.cost, st.reduction, st.step_norm, st.g_norm]), st.x])
-    return _finish(problem, config, st, scalars, data), row
+def fun_and_jac(
+    problem: Problem, config: Config, x: Array, scalars: Array, data: Any
+) -> tuple[Array, Array]:
+    """Residuals and (loss-scaled) Jacobian at ``x``: a watched fit's ``fun`` and ``jac``,
+    dispatched without waiting for them."""
+    f, jt = problem.residual_and_jt(x, data)
+    _, jts = _losses.scale_residuals_and_jacobian(config.loss, f, jt, scalars[3])
+    return f, jts.T
 
 
 def chunk_template(
     problem: Problem, config: Config, vectors: Array, scalars: Array, data: Any
-) -> State:
-    """Zeros shaped like the loop state: the (ignored) ``carry`` of a watched fit's first chunk."""
-    shapes = jax.eval_shape(
-        functools.partial(_initial_state, problem, config), vectors, scalars, data
+) -> np.ndarray:
+    """Zeros shaped like a flat loop state: the (ignored) ``carry`` of a fit's first chunk."""
+    shape = jax.eval_shape(
+        lambda v, s, d: _flatten(_initial_state(problem, config, v, s, d)), vectors, scalars, data
     )
-    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    return np.zeros(shape.shape, shape.dtype)

@@ -92,19 +92,27 @@ def _scheduler(token: anyio.lowlevel.EventLoopToken) -> Callable[..., None]:
 class Subscription:
     """One subscriber: its own memory object stream in its own event loop, under its policy.
 
-    Create it inside the event loop that will receive (it captures that loop's token). Iterate it
+    Create it inside the event loop that will receive (it captures that loop's token), or pass
+    that loop's ``schedule``. Iterate it
     with ``async for``; it ends after the terminal event of a fit it follows (``fit_id`` given), or
     when closed.
     """
 
-    def __init__(self, fit_id: str | None = None, policy: Policy = "lossless") -> None:
+    def __init__(
+        self,
+        fit_id: str | None = None,
+        policy: Policy = "lossless",
+        schedule: Callable[..., None] | None = None,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}")
         self.fit_id = fit_id
         self.policy = policy
         self.skipped = 0
         self.received = 0
-        self._schedule = _scheduler(anyio.lowlevel.current_token())
+        # ``schedule`` (a loop's ``call_soon_threadsafe``) lets another thread create it for a
+        # loop it knows; by default the current loop receives.
+        self._schedule = schedule or _scheduler(anyio.lowlevel.current_token())
         # A lossless subscriber that falls behind keeps its backlog as undecoded batches (compact
         # numpy rows), decoding the next one only when the stream has room.
         size = LOSSLESS_WINDOW if policy == "lossless" else 1

@@ -109,11 +109,12 @@ def run(
     scalars = np.array([tols[0], tols[1], tols[2], f_scale, max_nfev], dtype)
     if channel is None:
         out = _engine.solve(problem, config, vectors, scalars, data)
+        v = _engine.unpack(np.asarray(out.packed), x0.shape[0])
+        fun, jac = out.fun, out.jac
     else:
         from ._emitter import run_chunks
 
-        out = run_chunks(channel, problem, config, vectors, scalars, data, key)
-    v = _engine.unpack(np.asarray(out.packed), x0.shape[0])
+        v, fun, jac = run_chunks(channel, problem, config, vectors, scalars, data, key)
     status = v["status"]
     if status == _engine.STATUS_NONFINITE_START:
         raise ValueError(
@@ -128,8 +129,8 @@ def run(
     return OptimizeResult(
         x=x,
         cost=v["cost"],
-        fun=out.fun,
-        jac=out.jac,
+        fun=fun,
+        jac=jac,
         grad=v["grad"],
         optimality=v["optimality"],
         active_mask=active,

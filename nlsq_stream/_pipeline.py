@@ -2,9 +2,9 @@
 
 ``PreparedFit`` is what validation produces; ``execute`` runs it on the device (with an emission
 channel when watched); ``run_sync`` is what ``curve_fit(..., verbose=2)`` and
-``least_squares(..., sinks=[...])`` use: the sinks run in a background event loop (anyio's
-blocking portal), the fit runs in the calling thread, and the call returns only after every sink
-has drained. It works inside Jupyter too, where the caller's thread already runs an event loop.
+``least_squares(..., sinks=[...])`` use: the sinks run in a shared background event loop (see
+``_stream._SinkLoop``), the fit runs in the calling thread, and the call returns only after every
+sink has drained. It works inside Jupyter too, where the caller's thread already runs an event loop.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def run_sync(prep: PreparedFit) -> OptimizeResult:
     level = prep.verbose or 2
     fit_id = new_fit_id()
     channel = hub_channel(fit_id)
-    runner = SinkRunner(sinks, fit_id, backend="asyncio")
+    runner = SinkRunner(sinks, fit_id)
     res: OptimizeResult | None = None
     error: BaseException | None = None
     with runner:

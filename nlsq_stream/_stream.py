@@ -8,8 +8,11 @@ slow sink can slow the solver or each other. The same ``SinkRunner`` serves the 
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import inspect
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,8 +65,61 @@ class _SinkAdapter:
                 await out
 
 
+class _SinkLoop:
+    """The background asyncio loop where sinks run, shared by all fits and started on demand.
+
+    Starting a thread and an event loop per fit would cost more than a small fit (about a
+    millisecond here), so the loop lives while fits use it and ends by itself ``IDLE_S`` seconds
+    after the last one released it: no thread outlives its fits by more than that.
+    """
+
+    IDLE_S = 0.1
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._users = 0
+        self._idle_since = 0.0
+
+    def acquire(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                started = threading.Event()
+                box: list[asyncio.AbstractEventLoop] = []
+                thread = threading.Thread(
+                    target=self._main, args=(started, box), name="nlsq_stream-sinks", daemon=True
+                )
+                thread.start()
+                started.wait()
+                self._loop = box[0]
+            self._users += 1
+            return self._loop
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._idle_since = time.monotonic()
+
+    def _main(self, started: threading.Event, box: list[asyncio.AbstractEventLoop]) -> None:
+        async def main() -> None:
+            box.append(asyncio.get_running_loop())
+            started.set()
+            while True:
+                await asyncio.sleep(self.IDLE_S / 2)
+                with self._lock:
+                    if self._users == 0 and time.monotonic() - self._idle_since >= self.IDLE_S:
+                        self._loop = None  # the next fit starts a new loop
+                        return
+
+        asyncio.run(main())
+
+
+SINK_LOOP = _SinkLoop()
+
+
 class SinkRunner:
-    """Runs sinks for one fit in a background event loop (a blocking portal thread).
+    """Runs sinks for one fit in the shared background event loop (:class:`_SinkLoop`).
 
     Use as a context manager around the fit: entering subscribes every sink before any event is
     published; ``wait()`` (or the ``on_done`` callback) tells when all of them have drained after
@@ -74,39 +130,50 @@ class SinkRunner:
         self,
         sinks: Sequence[Any],
         fit_id: str,
-        backend: str = "asyncio",
         on_done: Callable[[], None] | None = None,
     ) -> None:
         self._adapters = [_SinkAdapter(s) for s in sinks]
         self._fit_id = fit_id
-        self._backend = backend
         self._on_done = on_done
         self._remaining = len(self._adapters)
         self._all_done = threading.Event()
         self.errors: list[str] = []
-        self._futures: list[Any] = []
-        self._cm: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_subs: list[Subscription] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __enter__(self) -> SinkRunner:
-        self._cm = anyio.from_thread.start_blocking_portal(self._backend, name="nlsq_stream-sinks")
-        portal = self._cm.__enter__()
-        try:
-            subs = portal.call(self._subscribe_all)
-            self._futures = [
-                portal.start_task_soon(self._drive, a, s)
-                for a, s in zip(self._adapters, subs, strict=True)
-            ]
-        except BaseException:
-            self._cm.__exit__(None, None, None)
-            raise
+        loop = self._loop = SINK_LOOP.acquire()
+        # Subscribed here, before any event is published; the loop receives them in order.
+        subs = [
+            HUB.subscribe(Subscription(self._fit_id, a.policy, loop.call_soon_threadsafe))
+            for a in self._adapters
+        ]
+        for a, sub in zip(self._adapters, subs, strict=True):
+            # A fresh context: the caller's (a trio task's, say) would tell anyio to use trio.
+            loop.call_soon_threadsafe(self._start_task, a, sub, context=contextvars.Context())
         if not self._adapters:
             self._finish_one()
         return self
 
-    async def _subscribe_all(self) -> list[Subscription]:
-        return [HUB.subscribe(Subscription(self._fit_id, a.policy)) for a in self._adapters]
+    def _start_task(self, adapter: _SinkAdapter, sub: Subscription) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._drive(adapter, sub), context=contextvars.Context()
+        )
+
+        def never_ran(task: asyncio.Task[None]) -> None:
+            # Cancelled before its first step, the coroutine's ``finally`` never ran.
+            if sub in self._started_subs:
+                return
+            HUB.unsubscribe(sub)
+            sub.close()
+            self._finish_one()
+
+        task.add_done_callback(never_ran)
+        self._tasks.append(task)
 
     async def _drive(self, adapter: _SinkAdapter, sub: Subscription) -> None:
+        self._started_subs.append(sub)
         try:
             async for first in sub:
                 batch = [first]
@@ -143,14 +210,18 @@ class SinkRunner:
         """Block until every sink has drained (after the terminal event)."""
         return self._all_done.wait(timeout)
 
+    def _cancel_all(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
     def __exit__(self, *exc: object) -> None:
-        if self._cm is None:
+        loop, self._loop = self._loop, None
+        if loop is None:
             return
-        for f in self._futures:
-            if not f.done():
-                f.cancel()
-        cm, self._cm = self._cm, None
-        cm.__exit__(None, None, None)
+        if not self._all_done.is_set():  # leaving early: detach the sinks, let them close
+            loop.call_soon_threadsafe(self._cancel_all, context=contextvars.Context())
+            self._all_done.wait()
+        SINK_LOOP.release()
 
 
 class FitStream:
@@ -201,13 +272,11 @@ class FitStream:
         self._sinks_done = anyio.Event()
         self._sub = HUB.subscribe(Subscription(self.fit_id, self._policy))
         if self._sinks:
+            # Sinks run in the shared asyncio loop whatever the consumer runs: a trio loop cannot
+            # host a second trio loop through anyio's blocking portal (it deadlocks, measured).
             self._runner = SinkRunner(
                 self._sinks,
                 self.fit_id,
-                # Sinks get their own asyncio loop whatever the consumer runs: anyio's blocking
-                # portal cannot be driven from inside a trio loop into a second trio loop (it
-                # deadlocks, measured here), and asyncio is the cheaper loop to start.
-                backend="asyncio",
                 on_done=lambda: _safe_schedule(schedule, self._sinks_done.set),
             )
             self._runner.__enter__()

@@ -24,7 +24,7 @@ NIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nis
 # Threads that belong to the test harness, not to nlsq_stream: anyio's pytest plugin drives trio
 # in guest mode, whose blocking I/O wait runs in a worker of trio's thread cache ("Trio thread N");
 # that worker idles up to 10 s after the test's trio run ended. nlsq_stream itself never uses trio
-# threads (its fit runs in a plain ``threading.Thread``, its sinks in an asyncio blocking portal),
+# threads (its fit runs in a plain ``threading.Thread``, its sinks in a shared asyncio loop thread),
 # so ignoring them cannot hide a leak of ours.
 HARNESS_THREAD_PREFIXES = ("Trio thread ",)
 THREAD_GRACE_S = 2.0

@@ -331,7 +331,7 @@ async def test_plain_async_for_left_at_the_terminal_event_cleans_up(anyio_backen
             while hub_subscribers() != subs or sink_threads():
                 await anyio.sleep(0.01)
         assert hub_subscribers() == subs, "the consumer's subscription is still in HUB"
-        assert not sink_threads(), "the sinks' portal thread is still running"
+        assert not sink_threads(), "the shared sink loop did not end once idle"
     finally:
         await stream._close()  # what exhausting the iterator would have done
 
