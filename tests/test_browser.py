@@ -236,8 +236,10 @@ def test_quickstart_in_jupyterlab(tmp_path):
             first = widgets.nth(0)
             expect(first).to_have_attribute("data-status", "converged", timeout=CELL_S * 1000)
             plot = first.locator("svg[data-nlsq=plot]")
-            assert int(plot.get_attribute("data-npoints")) >= 3
-            assert plot.locator("circle.nlsq-point").count() >= 3
+            # (a fit that ends within one flush may show only its last point: policy latest)
+            assert int(plot.get_attribute("data-npoints")) >= 1
+            assert plot.locator("circle.nlsq-point").count() >= 1
+            assert plot.locator("polyline.nlsq-line").count() == 1
             assert first.locator("[data-nlsq=status]").inner_text() == "converged"
             assert "amplitude" in first.locator("[data-nlsq=params]").inner_text()
 
@@ -254,6 +256,9 @@ def test_quickstart_in_jupyterlab(tmp_path):
             clicked = time.monotonic()
             expect(long).to_have_attribute("data-status", "stopped", timeout=60_000)
             stopped_after = time.monotonic() - clicked
+            long_plot = long.locator("svg[data-nlsq=plot]")
+            assert int(long_plot.get_attribute("data-npoints")) >= 3  # drawn live, 20 it/s
+            assert long_plot.locator("circle.nlsq-point").count() >= 3
             assert long.locator("[data-nlsq=status]").inner_text() == "stopped"
             text = page.locator(".jp-OutputArea-output", has_text="evaluations; a =")
             expect(text).to_have_count(1, timeout=60_000)

@@ -216,7 +216,8 @@ def test_sync_curve_fit_feeds_the_widget():
     assert w.param_names == ["a", "b", "c"] and w.model_name == "decay_model"
     np.testing.assert_allclose(w.params, popt)
     assert w.max_nfev == 400 and 0 < w.nfev <= w.max_nfev  # method lm: 100 (n + 1)
-    assert w.costs[0][0] == 0 and w.costs[-1][0] == w.iteration
+    # latest policy: a fit that ends within one flush may show only its last iteration
+    assert w.costs and w.costs[-1][0] == w.iteration
 
 
 @pytest.mark.anyio
