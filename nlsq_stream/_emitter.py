@@ -122,6 +122,7 @@ class Channel:
         self._sink = sink
         self._target = target_interval
         self._last = time.perf_counter()
+        self._k = 1
 
     def on_keyboard_interrupt(self, e: KeyboardInterrupt) -> None:
         """Ctrl-C during a watched fit: stop it (best parameters so far), re-raise afterwards."""
@@ -129,37 +130,39 @@ class Channel:
             self.keyboard_interrupt = e
         self.stop_requested.set()
 
-    def first_k(self, key: Any = None) -> int:
-        """Trials in the first chunk.
+    def first_k(self, key: Any = None) -> int | None:
+        """Trials in the first chunk, or None for a problem not seen before.
 
-        The first chunk of a fit is where the host learns how long a trial takes. For a problem
-        seen before (same ``key``) the last fit's per-trial time predicts it, so a short fit runs
-        as a single chunk; otherwise the first chunk is one trial.
+        For a problem seen before (same ``key``) the last fit's per-trial time predicts how many
+        trials fill a chunk, so a short fit runs as a single chunk. For a new one the host times
+        the fit's start (one evaluation, about one trial) instead.
         """
         self._key = key
         self._last = time.perf_counter()
         per_trial = _PER_TRIAL.get(key) if key is not None else None
-        return 1 if per_trial is None else self._k_for(per_trial)
+        return None if per_trial is None else self._k_for(per_trial)
 
     def _k_for(self, per_trial: float) -> int:
         return int(min(max(self._target / max(per_trial, 1e-7), 1), K_TRIALS_MAX))
 
-    def on_rows(self, rows: np.ndarray, trials: int = 0) -> tuple[int, bool]:
-        """Take a chunk's rows; answer (trials in the next chunk, stop?)."""
+    def on_rows(self, rows: np.ndarray, trials: int) -> tuple[int, bool]:
+        """Take a chunk's rows, from ``trials`` trials; answer (trials in the next chunk, stop?).
+        Rows that come with no trial (the start's) leave the timing alone."""
         now = time.perf_counter()
         self.flushes += 1
         if rows.shape[0]:
             self.last_iteration = int(rows[-1, 0])
             self._sink(rows, time.time())
-        per_trial = max((now - self._last) / max(trials, 1), 1e-7)
-        if self._key is not None and trials > 1:
-            _remember(_PER_TRIAL, self._key, per_trial)
-        self._last = now
-        return self._k_for(per_trial), self.stop_requested.is_set()
+        if trials > 0:
+            per_trial = max((now - self._last) / trials, 1e-7)
+            if self._key is not None and trials > 1:
+                _remember(_PER_TRIAL, self._key, per_trial)
+            self._last = now
+            self._k = self._k_for(per_trial)
+        return self._k, self.stop_requested.is_set()
 
 
 _PER_TRIAL: collections.OrderedDict[Any, float] = collections.OrderedDict()  # s per trial
-_TEMPLATES: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # first chunk's carry
 
 
 def _remember(cache: collections.OrderedDict[Any, Any], key: Any, value: Any) -> None:
@@ -184,37 +187,34 @@ def run_chunks(
     ``fun`` and ``jac``, dispatched but not waited for. Ctrl-C that reaches this thread as
     KeyboardInterrupt stops the fit like ``stream.stop()``.
     """
-    template = _TEMPLATES.get(key)
-    if template is None:
-        template = jax.device_put(_engine.chunk_template(problem, config, vectors, scalars, data))
-        _remember(_TEMPLATES, key, template)
     n = vectors.shape[1]
+    data = jax.device_put(data)  # once, not once per program
+    flat, packed = _engine.start_chunks(problem, config, vectors, scalars, data)
     k = channel.first_k(key)
-    carry, first = template, True
-    v: dict[str, Any] | None = None
-    current: np.ndarray | None = None
+    if k is None:  # a new problem: time the start (one evaluation, about one trial) for k
+        packed, (v, rows, _, current) = None, _engine.unpack_chunk(np.asarray(packed), n)
+        k, stop = channel.on_rows(np.asarray(rows, np.float64), 1)
+        if v["status"] != _engine.RUNNING:
+            stop = False
     try:
-        while True:
-            flat, packed = _engine.solve_chunk(
-                problem, config, vectors, scalars, data, carry, np.bool_(first), np.int32(k)
+        while packed is not None or (v["status"] == _engine.RUNNING and not stop):
+            next_flat, next_packed = _engine.solve_chunk(
+                problem, config, vectors, scalars, data, flat, np.int32(k)
             )
-            v, rows, trials, current = _engine.unpack_chunk(np.asarray(packed), n)
-            carry = flat
+            if packed is not None:  # iteration 0, delivered while the first chunk runs
+                _, rows, _, _ = _engine.unpack_chunk(np.asarray(packed), n)
+                channel.on_rows(np.asarray(rows, np.float64), 0)
+            flat, packed = next_flat, None
+            v, rows, trials, current = _engine.unpack_chunk(np.asarray(next_packed), n)
             k, stop = channel.on_rows(np.asarray(rows, np.float64), trials)
-            if v["status"] != _engine.RUNNING or stop:
-                break
-            if first:  # more chunks follow: move the data to the device once, not once per chunk
-                data = jax.device_put(data)
-            first = False
     except KeyboardInterrupt as e:  # Ctrl-C where no handler of ours caught it
-        if v is None:
-            raise
         channel.on_keyboard_interrupt(e)
-    assert v is not None and current is not None
+        if packed is not None:
+            raise
     if v["status"] == _engine.RUNNING:  # stopped between chunks
         v["status"] = _engine.STATUS_STOPPED
         # The iteration the fit stopped at is reported even where level 1 skipped it.
         if int(current[0]) > channel.last_iteration:
-            channel.on_rows(np.asarray(current[None, :], np.float64))
+            channel.on_rows(np.asarray(current[None, :], np.float64), 0)
     fun, jac = _engine.fun_and_jac(problem, config, v["x"], scalars, data)
     return v, fun, jac

@@ -38,17 +38,18 @@ def _lowered_texts():
     quiet = _engine.Config(**prep.config_kw)
     silent = _engine.solve.trace(prep.problem, quiet, vectors, scalars, prep.data)
     watched = _engine.Config(**prep.config_kw, emitter=Emitter(2))
-    carry = _engine.chunk_template(prep.problem, watched, vectors, scalars, prep.data)
+    start = _engine.start_chunks.trace(prep.problem, watched, vectors, scalars, prep.data)
+    carry, _ = _engine.start_chunks(prep.problem, watched, vectors, scalars, prep.data)
     chunk = _engine.solve_chunk.trace(
-        prep.problem, watched, vectors, scalars, prep.data, carry, np.bool_(True), np.int32(5)
+        prep.problem, watched, vectors, scalars, prep.data, carry, np.int32(5)
     )
-    return silent.lower().as_text(), chunk.lower().as_text()
+    return [p.lower().as_text() for p in (silent, start, chunk)]
 
 
 def test_no_program_contains_a_host_callback():
-    silent, chunk = _lowered_texts()
+    silent, start, chunk = _lowered_texts()
     assert "while" in silent and "while" in chunk  # the loops really are in there
-    for text in (silent, chunk):
+    for text in (silent, start, chunk):
         assert "callback" not in text
 
 

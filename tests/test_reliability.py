@@ -666,7 +666,7 @@ SOAK_SCRIPT = textwrap.dedent(
             it = np.arange(b * rows, (b + 1) * rows, dtype=np.float64)
             block = np.column_stack([it, it + 1, 1.0 / (it + 1), 1e-3 * ones, 1e-2 * ones,
                                      1e-4 * ones, ones, 0.5 * it, -ones])
-            channel.on_rows(block)
+            channel.on_rows(block, rows)
             if max_lag:  # a producer that never runs more than max_lag events ahead
                 while sink.lines_written < (b + 1) * rows - max_lag:
                     time.sleep(0.005)
