@@ -509,6 +509,108 @@ def bench_stop(opts: BenchOptions) -> None:
         )
 
 
+# -- slow consumers --------------------------------------------------------------------------------
+
+SLOW_CONSUMER_S = 0.05  # each slow subscriber awaits this long per event
+SLOW_CONSUMER_LIMIT = 1.05
+
+
+class _SlowSink:
+    """A sink that awaits ``SLOW_CONSUMER_S`` per event and counts what it saw."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.iterations: list[int] = []
+        self.terminal = 0
+
+    async def send(self, event: Any) -> None:
+        import anyio
+
+        from .events import FitFinished, Iteration
+
+        if isinstance(event, Iteration):
+            self.iterations.append(event.iteration)
+        elif isinstance(event, FitFinished):
+            self.terminal += 1
+        await anyio.sleep(SLOW_CONSUMER_S)
+
+
+async def _timed_stream(
+    x: np.ndarray, y: np.ndarray, iters: int, slow: str | None
+) -> tuple[float, Any, list[_SlowSink]]:
+    """One streamed fit; returns (fit time, the stream, its slow sinks).
+
+    The fit time runs from entering the stream to the solver's FitFinished (its publish time), so
+    it measures the solver, not how long the slow watchers take to catch up. ``slow``: None (one
+    fast consumer), ``"latest"`` (the consumer itself awaits 50 ms per event on a latest stream,
+    and so does a latest sink) or ``"lossless"`` (a lossless sink awaiting 50 ms per event).
+    """
+    import anyio
+
+    from . import fit_stream
+    from .events import FitFinished
+
+    sinks = [] if slow is None else [_SlowSink(slow)]
+    policy = "latest" if slow == "latest" else "lossless"
+    stream = fit_stream(slow_model, x, y, policy=policy, sinks=sinks, **slow_kwargs(iters))
+    t0 = time.time()
+    finished = math.nan
+    async with stream:
+        async for ev in stream:
+            if isinstance(ev, FitFinished):
+                finished = ev.time
+            if slow == "latest":
+                await anyio.sleep(SLOW_CONSUMER_S)
+    return finished - t0, stream, sinks
+
+
+def bench_slow_consumer(opts: BenchOptions) -> None:
+    """Warm fit time with subscribers that await 50 ms per event over that with a fast one."""
+    import anyio
+
+    iters = 60 if opts.quick else 120
+    target = 0.004  # seconds per iteration: a fit of a few hundred ms, far faster than 50 ms/event
+    m = slow_points(target)
+    x, y = slow_data(m)
+    _say(
+        opts,
+        f"== slow consumers: subscribers awaiting {SLOW_CONSUMER_S * 1e3:.0f} ms per event, "
+        f"fit_stream of {iters} iterations ({m} points, ~{target * 1e3:.0f} ms/iteration)",
+    )
+    _say(opts, "   fit time = entering the stream -> the solver's FitFinished; runs alternated")
+    anyio.run(_timed_stream, x, y, 3, None)  # compile
+    reps = opts.reps(7, 3)
+    fast: list[float] = []
+    slow: list[float] = []
+    skipped: list[int] = []
+    for _ in range(reps):
+        fast.append(anyio.run(_timed_stream, x, y, iters, None)[0])
+        t, stream, _ = anyio.run(_timed_stream, x, y, iters, "latest")
+        slow.append(t)
+        skipped.append(stream.skipped)
+    t_lossless, stream, (sink,) = anyio.run(_timed_stream, x, y, iters, "lossless")
+    complete = sink.iterations == list(range(stream.result.nit + 1)) and sink.terminal == 1
+    ratio = statistics.median(slow) / statistics.median(fast)
+    _say(opts, f"   {'consumer':<34} {'fit ms (median)':>16} {'runs':>5}")
+    _say(opts, f"   {'one fast consumer':<34} {_ms(statistics.median(fast)):>16} {reps:>5}")
+    _say(
+        opts,
+        f"   {'latest consumer + latest sink, slow':<34} {_ms(statistics.median(slow)):>16} "
+        f"{reps:>5}   consumer skipped {min(skipped)}-{max(skipped)} of {iters + 1} iterations",
+    )
+    _say(
+        opts,
+        f"   {'lossless sink, slow':<34} {_ms(t_lossless):>16} {1:>5}   received "
+        f"{len(sink.iterations)} of {stream.result.nit + 1} iterations "
+        f"{'(all, in order)' if complete else '(NOT all)'}",
+    )
+    _say(
+        opts,
+        f"   target: slow / fast <= {SLOW_CONSUMER_LIMIT}: {ratio:.3f}x  "
+        f"{_verdict(ratio <= SLOW_CONSUMER_LIMIT and complete and min(skipped) > 0)}",
+    )
+
+
 # -- entry -----------------------------------------------------------------------------------------
 
 
@@ -535,6 +637,8 @@ def run_bench(which: str, opts: BenchOptions) -> int:
         bench_emit_latency(opts)
     if which in ("stop", "all"):
         bench_stop(opts)
+    if which in ("slow", "all"):
+        bench_slow_consumer(opts)
     load = f" (load average {os.getloadavg()[0]:.2f})" if hasattr(os, "getloadavg") else ""
     _say(opts, f"done in {time.perf_counter() - t0:.1f} s{load}")
     return 0

@@ -113,8 +113,13 @@ class Channel:
         self,
         sink: Callable[[np.ndarray, float], None],
         target_interval: float = TARGET_INTERVAL,
+        announce: Callable[[], None] | None = None,
     ) -> None:
         self.stop_requested = threading.Event()
+        # ``announce`` publishes the fit's start. A cold problem (which may compile first)
+        # announces at once; a warm one with its first rows, so that the watchers' work on it
+        # overlaps the device's instead of delaying the dispatch.
+        self._announce = announce
         self.flushes = 0
         self.last_iteration = -1  # of the rows delivered so far
         self.keyboard_interrupt: KeyboardInterrupt | None = None  # re-raised after the sinks
@@ -140,7 +145,16 @@ class Channel:
         self._key = key
         self._last = time.perf_counter()
         per_trial = _PER_TRIAL.get(key) if key is not None else None
-        return None if per_trial is None else self._k_for(per_trial)
+        if per_trial is None:
+            self.announce()
+            return None
+        return self._k_for(per_trial)
+
+    def announce(self) -> None:
+        """Publish the fit's start, once (also before a failure that came before any row)."""
+        announce, self._announce = self._announce, None
+        if announce is not None:
+            announce()
 
     def _k_for(self, per_trial: float) -> int:
         return int(min(max(self._target / max(per_trial, 1e-7), 1), K_TRIALS_MAX))
@@ -150,6 +164,7 @@ class Channel:
         Rows that come with no trial (the start's) leave the timing alone."""
         now = time.perf_counter()
         self.flushes += 1
+        self.announce()
         if rows.shape[0]:
             self.last_iteration = int(rows[-1, 0])
             self._sink(rows, time.time())
@@ -188,7 +203,6 @@ def run_chunks(
     KeyboardInterrupt stops the fit like ``stream.stop()``.
     """
     n = vectors.shape[1]
-    data = jax.device_put(data)  # once, not once per program
     flat, packed = _engine.start_chunks(problem, config, vectors, scalars, data)
     k = channel.first_k(key)
     if k is None:  # a new problem: time the start (one evaluation, about one trial) for k
@@ -207,6 +221,8 @@ def run_chunks(
             flat, packed = next_flat, None
             v, rows, trials, current = _engine.unpack_chunk(np.asarray(next_packed), n)
             k, stop = channel.on_rows(np.asarray(rows, np.float64), trials)
+            if not isinstance(data, jax.Array) and v["status"] == _engine.RUNNING:
+                data = jax.device_put(data)  # more chunks follow: to the device once
     except KeyboardInterrupt as e:  # Ctrl-C where no handler of ours caught it
         channel.on_keyboard_interrupt(e)
         if packed is not None:

@@ -158,9 +158,13 @@ def _ctrl_c_stops(channel: Channel) -> Iterator[None]:
 _LIVE: weakref.WeakValueDictionary[str, Channel] = weakref.WeakValueDictionary()
 
 
-def hub_channel(fit_id: str) -> Channel:
-    """A channel whose batches go to the hub as lazily decoded Iteration events."""
-    channel = Channel(lambda rows, t: HUB.publish(Batch(fit_id, rows=rows, time=t)))
+def hub_channel(fit_id: str, started: FitStarted | None = None) -> Channel:
+    """A channel whose batches go to the hub as lazily decoded Iteration events, after
+    ``started`` (published when the channel announces the fit)."""
+    announce = None if started is None else lambda: HUB.publish(Batch(fit_id, [started]))
+    channel = Channel(
+        lambda rows, t: HUB.publish(Batch(fit_id, rows=rows, time=t)), announce=announce
+    )
     _LIVE[fit_id] = channel
     return channel
 
@@ -184,7 +188,9 @@ def stop_fit(fit_id: str) -> bool:
 
 
 def publish_terminal(fit_id: str, res: OptimizeResult | None, error: BaseException | None) -> None:
-    _LIVE.pop(fit_id, None)
+    channel = _LIVE.pop(fit_id, None)
+    if channel is not None:
+        channel.announce()  # FitStarted always comes first
     if error is None and res is not None:
         HUB.publish(Batch(fit_id, [FitFinished(fit_id, result_summary(res), time.time())]))
     else:
@@ -233,12 +239,11 @@ def run_sync(prep: PreparedFit) -> OptimizeResult:
 
     level = prep.verbose or 2
     fit_id = new_fit_id()
-    channel = hub_channel(fit_id)
+    channel = hub_channel(fit_id, prep.started_event(fit_id))
     runner = SinkRunner(sinks, fit_id)
     res: OptimizeResult | None = None
     error: BaseException | None = None
     with runner:
-        HUB.publish(Batch(fit_id, [prep.started_event(fit_id)]))
         try:
             res = execute(prep, level, channel)
         except BaseException as e:

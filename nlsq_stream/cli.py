@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-BENCHES = ("solver", "emit", "stop", "all")
+BENCHES = ("solver", "emit", "stop", "slow", "all")
 
 
 def _positive_int(text: str) -> int:
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="measure speed against scipy, emission overhead, stream latency and stop latency",
+        help="measure speed against scipy, emission overhead, stream and stop latency, slow "
+        "consumers",
         description="Benchmarks measured side by side in one process (medians of repeats after "
         "a warm-up), each printed with its target and PASS or MISS.",
     )

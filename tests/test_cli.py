@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,19 @@ def test_bench_solver_quick_small() -> None:
     assert "ratio scipy_fastest/ours_warm at n=1e3" in out
     assert "ours warm no slower than scipy lm" in out
     assert "PASS" in out or "MISS" in out
+
+
+def test_bench_slow_consumers_quick() -> None:
+    """The slow-consumer benchmark runs and reports what it promises (its ratio is measured
+    there, not asserted here: timings belong in benchmarks)."""
+    proc = run_cli("bench", "slow", "--quick", "--repeats", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "== slow consumers" in out
+    skipped = re.search(r"consumer skipped (\d+)-(\d+) of (\d+) iterations", out)
+    assert skipped and 0 < int(skipped[1]) < int(skipped[3]), out
+    assert "(all, in order)" in out, out
+    assert re.search(r"slow / fast <= 1.05: [0-9.]+x  (PASS|MISS)", out), out
 
 
 def test_bench_rejects_unknown_benchmark() -> None:
