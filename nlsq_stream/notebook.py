@@ -62,7 +62,7 @@ __all__ = ["MAX_POINTS", "FitWidget", "in_notebook"]
 MAX_POINTS = 500  # cost-curve points kept (and sent) at most
 _STATIC = Path(__file__).with_name("_static")
 
-# status -> (text, colour class); colours follow tqdm.notebook's bar styles
+# status -> colour class (tqdm.notebook bar styles; "warning" for a fit stopped on request)
 _STATUS_STYLE: dict[str, str] = {
     "waiting": "info",
     "running": "info",
