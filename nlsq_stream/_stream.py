@@ -14,6 +14,7 @@ import inspect
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -224,29 +225,99 @@ class SinkRunner:
         SINK_LOOP.release()
 
 
+class _Worker:
+    """The running side of a :class:`FitStream`: its solver thread, channel and sinks.
+
+    The thread refers to this object only, never to the stream, so a stream that its consumer
+    dropped (a plain ``async for`` left by a cancellation) can be garbage-collected, and its
+    finalizer stops the fit.
+    """
+
+    def __init__(self, prep: PreparedFit, fit_id: str, sinks: Sequence[Any]) -> None:
+        self.prep = prep
+        self.fit_id = fit_id
+        self.sinks = sinks
+        self.channel = hub_channel(fit_id)
+        self.result: OptimizeResult | None = None
+        self.error: BaseException | None = None
+        self.runner: SinkRunner | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        schedule = _scheduler(anyio.lowlevel.current_token())
+        self.done = anyio.Event()
+        self.sinks_done = anyio.Event()
+        if self.sinks:
+            # Sinks run in the shared asyncio loop whatever the consumer runs: a trio loop cannot
+            # host a second trio loop through anyio's blocking portal (it deadlocks, measured).
+            sinks_done = self.sinks_done
+            self.runner = SinkRunner(
+                self.sinks, self.fit_id, on_done=lambda: _safe_schedule(schedule, sinks_done.set)
+            )
+            self.runner.__enter__()
+        else:
+            self.sinks_done.set()
+        HUB.publish(Batch(self.fit_id, [self.prep.started_event(self.fit_id)]))
+        self.thread = threading.Thread(
+            target=self.run, args=(schedule,), name=f"nlsq_stream-{self.fit_id}", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, schedule: Callable[..., None]) -> None:
+        res = None
+        try:
+            res = execute(self.prep, self.prep.verbose or 2, self.channel)
+            self.result = res
+        except BaseException as e:
+            self.error = e
+        finally:
+            publish_terminal(self.fit_id, res, self.error)
+            # Sinks finish on their own after the terminal event; closing their loop here means
+            # nothing waits for the consumer (who may have broken out of a plain ``async for``).
+            if self.runner is not None:
+                self.runner.wait()
+                self.runner.__exit__(None, None, None)
+                if res is not None:
+                    res["sink_errors"] = list(self.runner.errors)
+            _safe_schedule(schedule, self.done.set)
+
+
+def _abandoned(worker: _Worker, sub: Subscription | None) -> None:
+    """The consumer dropped its stream without closing it: stop the fit, stop routing to it."""
+    worker.channel.stop_requested.set()
+    if sub is not None:
+        HUB.unsubscribe(sub)
+
+
 class FitStream:
     """A running (or ready) fit whose events you read with ``async for``.
 
     Use ``async with fit_stream(...) as stream: async for event in stream: ...`` (leaving the block
-    early stops the fit), or plain ``async for event in fit_stream(...)``. After the terminal event
-    ``stream.result`` holds the :class:`OptimizeResult`. If the fit raised, the terminal event is a
-    :class:`FitFailed` and the iteration then raises :class:`FitError` from the original error.
+    early stops the fit), or plain ``async for event in fit_stream(...)`` (a loop left early by an
+    exception or a cancellation stops the fit once the stream is dropped). After the terminal
+    event ``stream.result`` holds the :class:`OptimizeResult`. If the fit raised, the terminal
+    event is a :class:`FitFailed` and the iteration then raises :class:`FitError` from the
+    original error.
     """
 
     def __init__(self, prep: PreparedFit, policy: Policy, sinks: Sequence[Any]) -> None:
-        self._prep = prep
-        self._policy = policy
-        self._sinks = with_display(sinks, prep.verbose)
         self.fit_id = new_fit_id()
-        self.result: OptimizeResult | None = None
-        self.error: BaseException | None = None
-        self._channel = hub_channel(self.fit_id)
+        self._policy = policy
+        self._worker = _Worker(prep, self.fit_id, with_display(sinks, prep.verbose))
         self._started = False
         self._closed = False
         self._terminal_seen = False
         self._sub: Subscription | None = None
-        self._runner: SinkRunner | None = None
-        self._thread: threading.Thread | None = None
+
+    @property
+    def result(self) -> OptimizeResult | None:
+        """The :class:`OptimizeResult` once the fit finished (None before, or if it failed)."""
+        return self._worker.result
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception the fit raised, if it failed."""
+        return self._worker.error
 
     @property
     def skipped(self) -> int:
@@ -256,65 +327,32 @@ class FitStream:
     @property
     def sink_errors(self) -> list[str]:
         """One message per sink that raised and was detached (empty when none did)."""
-        return list(self._runner.errors) if self._runner is not None else []
+        runner = self._worker.runner
+        return list(runner.errors) if runner is not None else []
 
     def stop(self) -> None:
         """Ask the solver to stop; it ends with status -2 and the best parameters so far."""
-        self._channel.stop_requested.set()
+        self._worker.channel.stop_requested.set()
 
     async def _start(self) -> None:
         if self._started:
             return
         self._started = True
-        token = anyio.lowlevel.current_token()
-        schedule = _scheduler(token)
-        self._worker_done = anyio.Event()
-        self._sinks_done = anyio.Event()
         self._sub = HUB.subscribe(Subscription(self.fit_id, self._policy))
-        if self._sinks:
-            # Sinks run in the shared asyncio loop whatever the consumer runs: a trio loop cannot
-            # host a second trio loop through anyio's blocking portal (it deadlocks, measured).
-            self._runner = SinkRunner(
-                self._sinks,
-                self.fit_id,
-                on_done=lambda: _safe_schedule(schedule, self._sinks_done.set),
-            )
-            self._runner.__enter__()
-        else:
-            self._sinks_done.set()
-        HUB.publish(Batch(self.fit_id, [self._prep.started_event(self.fit_id)]))
-        self._thread = threading.Thread(
-            target=self._work, args=(schedule,), name=f"nlsq_stream-{self.fit_id}", daemon=True
-        )
-        self._thread.start()
-
-    def _work(self, schedule: Callable[..., None]) -> None:
-        res = None
-        try:
-            res = execute(self._prep, self._prep.verbose or 2, self._channel)
-            self.result = res
-        except BaseException as e:
-            self.error = e
-        finally:
-            publish_terminal(self.fit_id, res, self.error)
-            # Sinks finish on their own after the terminal event; closing their loop here means
-            # nothing waits for the consumer (who may have broken out of a plain ``async for``).
-            if self._runner is not None:
-                self._runner.wait()
-                self._runner.__exit__(None, None, None)
-                if res is not None:
-                    res["sink_errors"] = list(self._runner.errors)
-            _safe_schedule(schedule, self._worker_done.set)
+        self._finalizer = weakref.finalize(self, _abandoned, self._worker, self._sub)
+        self._worker.start()
 
     async def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
+        worker = self._worker
         with anyio.CancelScope(shield=True):
-            await self._worker_done.wait()
-            assert self._thread is not None
-            self._thread.join()
-            await self._sinks_done.wait()
+            await worker.done.wait()
+            assert worker.thread is not None
+            worker.thread.join()
+            await worker.sinks_done.wait()
             if self._sub is not None:
                 HUB.unsubscribe(self._sub)
                 self._sub.close()
@@ -353,7 +391,7 @@ class FitStream:
             self._terminal_seen = True
             if isinstance(ev, FitFailed):
                 with anyio.CancelScope(shield=True):
-                    await self._worker_done.wait()
+                    await self._worker.done.wait()
         return ev
 
 
