@@ -38,6 +38,8 @@ html_theme = "alabaster"
 html_theme_options = {
     "description": "Nonlinear least squares in JAX that you can watch while it runs.",
     "fixed_sidebar": True,
+    "page_width": "1240px",  # room for 100-character code lines
+    "sidebar_width": "220px",
 }
 html_static_path: list[str] = []
 pygments_style = "sphinx"

@@ -1,7 +1,7 @@
-"""Log from your own jitted loop into nlsq_stream's hub and sinks.
+"""Log from your own jitted loop into nlsq_stream's event hub (or stdlib logging).
 
 The same API as the reference NLSQ module, but wired: events go to the hub (fit id
-``"async_logger"``), so ``nlsq_stream.subscribe()`` and its sinks see them; with no subscriber
+``"async_logger"``), so ``nlsq_stream.subscribe()`` sees them; with no subscriber
 they go to the stdlib logger ``nlsq_stream.async_logger`` at INFO. ``verbose=0`` compiles nothing;
 ``verbose=1`` logs every 10th iteration, gated on the device (a traced counter works); ``verbose=2``
 logs every iteration. Each logged call is one host callback (~80 µs here), so prefer the solver's
