@@ -40,6 +40,7 @@ html_theme_options = {
     "fixed_sidebar": True,
     "page_width": "1240px",  # room for 100-character code lines
     "sidebar_width": "220px",
+    "body_max_width": "none",
 }
 html_static_path: list[str] = []
 pygments_style = "sphinx"
