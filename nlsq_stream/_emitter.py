@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -113,13 +112,9 @@ class Channel:
         self,
         sink: Callable[[np.ndarray, float], None],
         target_interval: float = TARGET_INTERVAL,
-        announce: Callable[[], None] | None = None,
     ) -> None:
         self.stop_requested = threading.Event()
-        # ``announce`` publishes the fit's start. A cold problem (which may compile first)
-        # announces at once; a warm one with its first rows, so that the watchers' work on it
-        # overlaps the device's instead of delaying the dispatch.
-        self._announce = announce
+        self._held: tuple[np.ndarray, float] | None = None
         self.flushes = 0
         self.last_iteration = -1  # of the rows delivered so far
         self.keyboard_interrupt: KeyboardInterrupt | None = None  # re-raised after the sinks
@@ -146,28 +141,37 @@ class Channel:
         self._last = time.perf_counter()
         per_trial = _PER_TRIAL.get(key) if key is not None else None
         if per_trial is None:
-            self.announce()
+            self.announce()  # a new problem may compile first: show the start at once
             return None
         return self._k_for(per_trial)
 
+    def release(self) -> None:
+        """Deliver the rows held back as the last ones."""
+        held, self._held = self._held, None
+        if held is not None:
+            self._sink(*held)
+
     def announce(self) -> None:
-        """Publish the fit's start, once (also before a failure that came before any row)."""
-        announce, self._announce = self._announce, None
-        if announce is not None:
-            announce()
+        """Make the fit's start known now (see ``_pipeline.HubChannel``); a no-op here."""
 
     def _k_for(self, per_trial: float) -> int:
         return int(min(max(self._target / max(per_trial, 1e-7), 1), K_TRIALS_MAX))
 
-    def on_rows(self, rows: np.ndarray, trials: int) -> tuple[int, bool]:
+    def on_rows(self, rows: np.ndarray, trials: int, last: bool = False) -> tuple[int, bool]:
         """Take a chunk's rows, from ``trials`` trials; answer (trials in the next chunk, stop?).
-        Rows that come with no trial (the start's) leave the timing alone."""
+
+        Rows that come with no trial leave the timing alone. The ``last`` rows of a fit are held
+        back for ``release()``, which the pipeline calls just before it publishes the terminal
+        event: a short fit's events then reach the watchers in one hand-off.
+        """
         now = time.perf_counter()
         self.flushes += 1
-        self.announce()
         if rows.shape[0]:
             self.last_iteration = int(rows[-1, 0])
-            self._sink(rows, time.time())
+            if last:
+                self._held = (rows, time.time())
+            else:
+                self._sink(rows, time.time())
         if trials > 0:
             per_trial = max((now - self._last) / trials, 1e-7)
             if self._key is not None and trials > 1:
@@ -203,34 +207,32 @@ def run_chunks(
     KeyboardInterrupt stops the fit like ``stream.stop()``.
     """
     n = vectors.shape[1]
-    flat, packed = _engine.start_chunks(problem, config, vectors, scalars, data)
     k = channel.first_k(key)
-    if k is None:  # a new problem: time the start (one evaluation, about one trial) for k
-        packed, (v, rows, _, current) = None, _engine.unpack_chunk(np.asarray(packed), n)
-        k, stop = channel.on_rows(np.asarray(rows, np.float64), 1)
-        if v["status"] != _engine.RUNNING:
-            stop = False
+    # A new problem starts with one trial: its first rows come at once, and the host learns how
+    # long a trial takes. Chunks run one after the other: queueing the next chunk behind one not
+    # yet finished (so that the device never waits for the host) left a fit waiting forever on
+    # an XLA future (stopped fits, about 1 in 17 in one run here; jax 0.10.2, CPU): not done.
+    flat, packed = _engine.first_chunk(problem, config, vectors, scalars, data, np.int32(k or 1))
+    v: dict[str, Any] | None = None
+    current = np.zeros(0)
     try:
-        while packed is not None or (v["status"] == _engine.RUNNING and not stop):
-            next_flat, next_packed = _engine.solve_chunk(
+        while True:
+            v, rows, trials, current = _engine.unpack_chunk(np.asarray(packed), n)
+            running = v["status"] == _engine.RUNNING
+            k, stop = channel.on_rows(np.asarray(rows, np.float64), trials, last=not running)
+            if not running or stop:
+                break
+            flat, packed = _engine.solve_chunk(
                 problem, config, vectors, scalars, data, flat, np.int32(k)
             )
-            if packed is not None:  # iteration 0, delivered while the first chunk runs
-                _, rows, _, _ = _engine.unpack_chunk(np.asarray(packed), n)
-                channel.on_rows(np.asarray(rows, np.float64), 0)
-            flat, packed = next_flat, None
-            v, rows, trials, current = _engine.unpack_chunk(np.asarray(next_packed), n)
-            k, stop = channel.on_rows(np.asarray(rows, np.float64), trials)
-            if not isinstance(data, jax.Array) and v["status"] == _engine.RUNNING:
-                data = jax.device_put(data)  # more chunks follow: to the device once
     except KeyboardInterrupt as e:  # Ctrl-C where no handler of ours caught it
-        channel.on_keyboard_interrupt(e)
-        if packed is not None:
+        if v is None:
             raise
+        channel.on_keyboard_interrupt(e)
     if v["status"] == _engine.RUNNING:  # stopped between chunks
         v["status"] = _engine.STATUS_STOPPED
         # The iteration the fit stopped at is reported even where level 1 skipped it.
         if int(current[0]) > channel.last_iteration:
-            channel.on_rows(np.asarray(current[None, :], np.float64), 0)
+            channel.on_rows(np.asarray(current[None, :], np.float64), 0, last=True)
     fun, jac = _engine.fun_and_jac(problem, config, v["x"], scalars, data)
     return v, fun, jac

@@ -288,10 +288,11 @@ def _run(
     vectors: Array,
     scalars: Array,
     data: Any,
-    chunk: tuple[Array, Array] | None = None,
+    chunk: tuple[Array | None, Array] | None = None,
 ) -> State:
     """The iteration loop, traced. With ``chunk = (carry, k)`` it runs at most ``k`` trials (fewer
-    when the record buffer fills up) from ``carry``, a state flattened by ``_flatten``.
+    when the record buffer fills up) from ``carry``, a state flattened by ``_flatten``, or from
+    ``x0`` when ``carry`` is None.
     """
     lb, ub = vectors[1], vectors[2]
     ftol, xtol, gtol, f_scale = scalars[0], scalars[1], scalars[2], scalars[3]
@@ -299,10 +300,10 @@ def _run(
     dtype = vectors.dtype
     m = jax.eval_shape(lambda x: problem.residual(x, data), vectors[0]).shape[0]
     emitter = config.emitter
-    if chunk is None:
+    if chunk is None or chunk[0] is None:
         state = _initial_state(problem, config, vectors, scalars, data)
     else:
-        carry, k = chunk
+        carry = chunk[0]
         # No ``lax.cond`` between starting and resuming here: a conditional that takes the data
         # as an operand copied it on every call (10 ms a chunk at 1e6 points, measured).
         unflatten = _flatten_spec(problem, config, vectors, scalars, data)
@@ -312,7 +313,7 @@ def _run(
         running = st.status == RUNNING
         if chunk is None:
             return running
-        return running & emitter.room(st.emit, k)
+        return running & emitter.room(st.emit, chunk[1])
 
     def finish_iteration(
         st: State,
@@ -539,12 +540,12 @@ def _chunk_outputs(st: State, m: int) -> tuple[Array, Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "config"))
-def start_chunks(
-    problem: Problem, config: Config, vectors: Array, scalars: Array, data: Any
+def first_chunk(
+    problem: Problem, config: Config, vectors: Array, scalars: Array, data: Any, k: Array
 ) -> tuple[Array, Array]:
-    """Start a watched fit: evaluate at ``x0``. Returns what ``solve_chunk`` returns, with the
-    record of iteration 0."""
-    st = _initial_state(problem, config, vectors, scalars, data)
+    """Start a watched fit at ``x0`` and run at most ``k`` trials: what ``solve_chunk`` does,
+    with the record of iteration 0 first. A fit that ends within ``k`` trials is one program."""
+    st = _run(problem, config, vectors, scalars, data, (None, k))
     m = jax.eval_shape(lambda x: problem.residual(x, data), vectors[0]).shape[0]
     return _chunk_outputs(st, m)
 

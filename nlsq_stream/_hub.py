@@ -37,7 +37,7 @@ POLICIES: tuple[str, ...] = ("lossless", "latest")
 class Batch:
     """Events of one fit published together; Iteration rows are decoded lazily, once."""
 
-    __slots__ = ("_events", "_lock", "_rows", "fit_id", "time")
+    __slots__ = ("_events", "_head", "_lock", "_rows", "_tail", "fit_id", "time")
 
     def __init__(
         self,
@@ -45,10 +45,15 @@ class Batch:
         events: Sequence[Event] | None = None,
         rows: np.ndarray | None = None,
         time: float = 0.0,
+        tail: Sequence[Event] = (),
     ) -> None:
+        """``events``, then the Iteration events of ``rows`` (decoded on first use), then
+        ``tail``: one hand-off for, say, a short fit's start, iterations and end."""
         self.fit_id = fit_id
-        self._events = list(events) if events is not None else None
+        self._head = list(events) if events is not None else []
+        self._tail = list(tail)
         self._rows = rows
+        self._events: list[Event] | None = None if rows is not None else self._head + self._tail
         self.time = time
         self._lock = threading.Lock()
 
@@ -56,7 +61,8 @@ class Batch:
         if self._events is None:
             with self._lock:
                 if self._events is None:
-                    self._events = rows_to_iterations(self.fit_id, self._rows, self.time)
+                    its = rows_to_iterations(self.fit_id, self._rows, self.time)
+                    self._events = self._head + its + self._tail
         return self._events
 
 

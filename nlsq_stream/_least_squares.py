@@ -85,6 +85,13 @@ def _check_data_tree(name: str, tree: Any) -> Any:
     return jax.tree_util.tree_map(conv, tree)
 
 
+DEVICE_PUT_BYTES = 1 << 20
+
+
+def _data_bytes(data: Any) -> int:
+    return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(data))
+
+
 def run(
     problem: Any,
     config: _engine.Config,
@@ -105,6 +112,10 @@ def run(
     channel (see ``_emitter.run_chunks``); ``key`` names the problem for the channel's timing.
     """
     dtype = x0.dtype
+    if _data_bytes(data) > DEVICE_PUT_BYTES:
+        # A numpy argument is copied on every call of a compiled function, and more slowly than
+        # by device_put (3.5 ms against 1.6 ms for 2 x 1e6 float64 here): move large data once.
+        data = jax.device_put(data)
     vectors = np.stack([x0, lb, ub, x_scale])
     scalars = np.array([tols[0], tols[1], tols[2], f_scale, max_nfev], dtype)
     if channel is None:

@@ -26,7 +26,7 @@ from . import _engine
 from ._emitter import Channel, Emitter
 from ._hub import HUB, Batch
 from ._result import OptimizeResult
-from .events import FitFailed, FitFinished, FitStarted
+from .events import Event, FitFailed, FitFinished, FitStarted
 
 
 class SinkError(RuntimeWarning):
@@ -158,13 +158,44 @@ def _ctrl_c_stops(channel: Channel) -> Iterator[None]:
 _LIVE: weakref.WeakValueDictionary[str, Channel] = weakref.WeakValueDictionary()
 
 
-def hub_channel(fit_id: str, started: FitStarted | None = None) -> Channel:
-    """A channel whose batches go to the hub as lazily decoded Iteration events, after
-    ``started`` (published when the channel announces the fit)."""
-    announce = None if started is None else lambda: HUB.publish(Batch(fit_id, [started]))
-    channel = Channel(
-        lambda rows, t: HUB.publish(Batch(fit_id, rows=rows, time=t)), announce=announce
-    )
+class HubChannel(Channel):
+    """A channel whose rows go to the hub as lazily decoded Iteration events.
+
+    ``started`` (the FitStarted event, when this channel publishes it) goes out with the first
+    rows, or at once for a problem that may compile first; the last rows go out with the
+    terminal event (``finish``). A short fit thus reaches its watchers in one hand-off.
+    """
+
+    def __init__(self, fit_id: str, started: FitStarted | None = None) -> None:
+        super().__init__(self._publish)
+        self.fit_id = fit_id
+        self._started = started
+
+    def _head(self) -> list[Event]:
+        started, self._started = self._started, None
+        return [] if started is None else [started]
+
+    def _publish(self, rows: np.ndarray, t: float) -> None:
+        HUB.publish(Batch(self.fit_id, self._head(), rows=rows, time=t))
+
+    def announce(self) -> None:
+        head = self._head()
+        if head:
+            HUB.publish(Batch(self.fit_id, head))
+
+    def finish(self, terminal: Event) -> None:
+        """Publish what is left (the start, the held-back last rows) and ``terminal``."""
+        held, self._held = self._held, None
+        rows, t = held if held is not None else (None, 0.0)
+        HUB.publish(Batch(self.fit_id, self._head(), rows=rows, time=t, tail=[terminal]))
+
+
+_LIVE: weakref.WeakValueDictionary[str, HubChannel] = weakref.WeakValueDictionary()
+
+
+def hub_channel(fit_id: str, started: FitStarted | None = None) -> HubChannel:
+    """The channel of a watched fit (see :class:`HubChannel`), known to ``stop_fit``."""
+    channel = HubChannel(fit_id, started)
     _LIVE[fit_id] = channel
     return channel
 
@@ -188,15 +219,16 @@ def stop_fit(fit_id: str) -> bool:
 
 
 def publish_terminal(fit_id: str, res: OptimizeResult | None, error: BaseException | None) -> None:
+    """Publish the fit's terminal event, after whatever its channel still holds."""
+    if error is None and res is not None:
+        terminal: Event = FitFinished(fit_id, result_summary(res), time.time())
+    else:
+        terminal = FitFailed(fit_id, type(error).__name__, describe(error), time.time())
     channel = _LIVE.pop(fit_id, None)
     if channel is not None:
-        channel.announce()  # FitStarted always comes first
-    if error is None and res is not None:
-        HUB.publish(Batch(fit_id, [FitFinished(fit_id, result_summary(res), time.time())]))
+        channel.finish(terminal)
     else:
-        HUB.publish(
-            Batch(fit_id, [FitFailed(fit_id, type(error).__name__, describe(error), time.time())])
-        )
+        HUB.publish(Batch(fit_id, [terminal]))
 
 
 def describe(error: BaseException | None) -> str:

@@ -141,21 +141,48 @@ class SinkRunner:
         self.errors: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started_subs: list[Subscription] = []
+        self._pending: list[tuple[_SinkAdapter, Subscription]] = []
+        self._start_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __enter__(self) -> SinkRunner:
-        loop = self._loop = SINK_LOOP.acquire()
-        # Subscribed here, before any event is published; the loop receives them in order.
+        self._loop = SINK_LOOP.acquire()
+        # Subscribed here, before any event is published. The sinks' tasks start with the first
+        # delivery, in the same wake-up of the loop: a short fit's events then cost the loop one
+        # wake-up, not two (every wake-up is Python work that competes with the fit's).
         subs = [
-            HUB.subscribe(Subscription(self._fit_id, a.policy, loop.call_soon_threadsafe))
+            HUB.subscribe(Subscription(self._fit_id, a.policy, self._schedule))
             for a in self._adapters
         ]
-        for a, sub in zip(self._adapters, subs, strict=True):
-            # A fresh context: the caller's (a trio task's, say) would tell anyio to use trio.
-            loop.call_soon_threadsafe(self._start_task, a, sub, context=contextvars.Context())
+        self._pending = list(zip(self._adapters, subs, strict=True))
         if not self._adapters:
             self._finish_one()
         return self
+
+    def _schedule(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the sinks' loop is closed")
+        if self._pending:
+            with self._start_lock:
+                pending, self._pending = self._pending, []
+            if pending:
+                # A fresh context: the caller's (a trio task's, say) would tell anyio to use trio.
+                loop.call_soon_threadsafe(
+                    self._start_then, pending, fn, args, context=contextvars.Context()
+                )
+                return
+        loop.call_soon_threadsafe(fn, *args)
+
+    def _start_then(
+        self,
+        pending: list[tuple[_SinkAdapter, Subscription]],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+    ) -> None:
+        for adapter, sub in pending:
+            self._start_task(adapter, sub)
+        fn(*args)
 
     def _start_task(self, adapter: _SinkAdapter, sub: Subscription) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -216,9 +243,15 @@ class SinkRunner:
             task.cancel()
 
     def __exit__(self, *exc: object) -> None:
-        loop, self._loop = self._loop, None
+        loop = self._loop
         if loop is None:
             return
+        with self._start_lock:
+            never_started, self._pending = self._pending, []
+        for _, sub in never_started:  # nothing was ever delivered to these
+            HUB.unsubscribe(sub)
+            self._finish_one()
+        self._loop = None
         if not self._all_done.is_set():  # leaving early: detach the sinks, let them close
             loop.call_soon_threadsafe(self._cancel_all, context=contextvars.Context())
             self._all_done.wait()
