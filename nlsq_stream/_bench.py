@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -551,7 +551,7 @@ async def _timed_stream(
     from .events import FitFinished
 
     sinks = [] if slow is None else [_SlowSink(slow)]
-    policy = "latest" if slow == "latest" else "lossless"
+    policy: Literal["latest", "lossless"] = "latest" if slow == "latest" else "lossless"
     stream = fit_stream(slow_model, x, y, policy=policy, sinks=sinks, **slow_kwargs(iters))
     t0 = time.time()
     finished = math.nan

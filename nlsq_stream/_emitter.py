@@ -100,9 +100,7 @@ class Emitter:
         row = jnp.concatenate([head.astype(dtype), x.astype(dtype)])
         idx = jnp.minimum(st.filled, self.k_max - 1)
         buf = st.buf.at[idx].set(jnp.where(wanted, row, st.buf[idx]))
-        return EmitState(
-            buf=buf, filled=st.filled + wanted.astype(jnp.int32), trials=st.trials + 1
-        )
+        return EmitState(buf=buf, filled=st.filled + wanted.astype(jnp.int32), trials=st.trials + 1)
 
 
 class Channel:

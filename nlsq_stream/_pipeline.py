@@ -155,9 +155,6 @@ def _ctrl_c_stops(channel: Channel) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-_LIVE: weakref.WeakValueDictionary[str, Channel] = weakref.WeakValueDictionary()
-
-
 class HubChannel(Channel):
     """A channel whose rows go to the hub as lazily decoded Iteration events.
 
