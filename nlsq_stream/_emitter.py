@@ -3,9 +3,9 @@
 A host callback from inside a compiled loop costs ~80 µs here (more than a whole iteration of a
 small fit), and a program that contains one is dispatched through JAX's slow Python path and runs
 its callbacks on XLA's threads. So a watched fit contains no callback at all: it runs as a
-sequence of *chunks*. Each chunk is one call of the compiled loop (``_engine.solve_chunk``) that
-runs at most ``k`` trials (loop iterations), writing each iteration's record into a device-side
-buffer, gated on the device (``level`` 1: every 10th iteration and the last; 2: every one). The
+sequence of *chunks*. Each chunk is one call of the compiled loop (``_engine.first_chunk``, then
+``_engine.solve_chunk``) that runs at most ``k`` trials (loop iterations), writing each
+iteration's record into a device-side buffer, gated on the device (``level`` 1: every 10th iteration and the last; 2: every one). The
 loop state stays on the device between chunks; only the records come back, one transfer per chunk.
 
 * ``k`` is chosen by the host so that a chunk lasts about ``TARGET_INTERVAL`` seconds of fit time
@@ -17,7 +17,9 @@ loop state stays on the device between chunks; only the records come back, one t
   chunk, so a stop request always gets through. A chunk also ends when its buffer is full.
 * a stop request (``stream.stop()``, the Stop button, Ctrl-C) is seen between chunks: the fit
   ends there with status -2 and the best parameters so far.
-* the last partial batch is simply the last chunk's records.
+* the last partial batch is the last chunk's records; the channel holds them back until the
+  terminal event, so that a short fit reaches its watchers in one hand-off (``release``, and
+  ``_pipeline.HubChannel.finish``).
 
 ``verbose=0`` runs ``_engine.solve``: one program, no emitter, no chunks.
 """
@@ -64,10 +66,6 @@ class Emitter:
             filled=jnp.zeros((), jnp.int32),
             trials=jnp.zeros((), jnp.int32),
         )
-
-    def start(self, st: EmitState) -> EmitState:
-        """The state at the start of a chunk: no rows, no trials."""
-        return st._replace(filled=jnp.zeros_like(st.filled), trials=jnp.zeros_like(st.trials))
 
     def room(self, st: EmitState, k: Array) -> Array:
         """May the chunk run another trial? (At most one row per trial, so the buffer can't
