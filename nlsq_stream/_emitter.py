@@ -5,8 +5,9 @@ small fit), and a program that contains one is dispatched through JAX's slow Pyt
 its callbacks on XLA's threads. So a watched fit contains no callback at all: it runs as a
 sequence of *chunks*. Each chunk is one call of the compiled loop (``_engine.first_chunk``, then
 ``_engine.solve_chunk``) that runs at most ``k`` trials (loop iterations), writing each
-iteration's record into a device-side buffer, gated on the device (``level`` 1: every 10th iteration and the last; 2: every one). The
-loop state stays on the device between chunks; only the records come back, one transfer per chunk.
+iteration's record into a device-side buffer, gated on the device (``level`` 1: every 10th
+iteration and the last; 2: every one). The loop state stays on the device between chunks; only
+the records come back, one transfer per chunk.
 
 * ``k`` is chosen by the host so that a chunk lasts about ``TARGET_INTERVAL`` seconds of fit time
   (measured on the previous chunk), which bounds both the overhead (one hand-off per interval) and
