@@ -127,6 +127,26 @@ async def assert_no_leftover_tasks(before: set[object], grace: float = THREAD_GR
 # the same compiled solvers.
 
 
+@jax.custom_jvp
+def _flaky_sensor(a):
+    def host(a):
+        raise OSError("bad model: sensor offline at run time")
+
+    return jax.pure_callback(host, jax.ShapeDtypeStruct((), a.dtype), a)
+
+
+@_flaky_sensor.defjvp
+def _flaky_sensor_jvp(primals, tangents):
+    return _flaky_sensor(primals[0]), tangents[0]
+
+
+def runtime_failing_model(x, a, b, c):
+    """Traces fine (validation passes); its host callback raises once the compiled fit runs."""
+    import jax.numpy as jnp
+
+    return _flaky_sensor(a) * jnp.exp(-b * x) + c
+
+
 def decay_model(x, a, b, c):
     """a exp(-b x) + c, the curve_fit model of the streaming tests."""
     import jax.numpy as jnp

@@ -18,7 +18,6 @@ import time
 import warnings
 
 import anyio
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,6 +28,7 @@ from conftest import (
     decay_data,
     decay_model,
     live_tasks,
+    runtime_failing_model,
     slow_args,
     slow_residual,
 )
@@ -221,24 +221,6 @@ async def test_model_raising_in_the_solver_trace_stream(anyio_backend, tmp_path)
         assert "bad model: refuses the solver's trace" in got[-1].message
     assert stream.result is None
     await assert_no_leftover_tasks(before)
-
-
-@jax.custom_jvp
-def _flaky_sensor(a):
-    def host(a):
-        raise OSError("bad model: sensor offline at run time")
-
-    return jax.pure_callback(host, jax.ShapeDtypeStruct((), a.dtype), a)
-
-
-@_flaky_sensor.defjvp
-def _flaky_sensor_jvp(primals, tangents):
-    return _flaky_sensor(primals[0]), tangents[0]
-
-
-def runtime_failing_model(x, a, b, c):
-    """Traces fine (validation passes); its host callback raises once the compiled fit runs."""
-    return _flaky_sensor(a) * jnp.exp(-b * x) + c
 
 
 def test_model_raising_at_run_time_sync(capsys):

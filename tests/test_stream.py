@@ -6,8 +6,6 @@ import itertools
 import threading
 
 import anyio
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import (
@@ -16,6 +14,7 @@ from conftest import (
     decay_data,
     decay_model,
     live_tasks,
+    runtime_failing_model,
     slow_args,
     slow_residual,
 )
@@ -281,33 +280,15 @@ async def test_model_raising_during_tracing_async_with(anyio_backend):
     await assert_no_leftover_tasks(before)
 
 
-@jax.custom_jvp
-def _sensor(a):
-    def host(a):
-        raise OSError("sensor offline at runtime")
-
-    return jax.pure_callback(host, jax.ShapeDtypeStruct((), a.dtype), a)
-
-
-@_sensor.defjvp
-def _sensor_jvp(primals, tangents):
-    return _sensor(primals[0]), tangents[0]
-
-
-def model_failing_at_runtime(x, a, b, c):
-    """Traces fine; the host callback it runs raises once the compiled fit executes."""
-    return _sensor(a) * jnp.exp(-b * x) + c
-
-
 async def test_model_raising_at_run_time(anyio_backend):
     before = live_tasks()
     evs = []
     with anyio.fail_after(TIMEOUT):
-        with pytest.raises(ns.FitError, match="sensor offline at runtime"):
-            async for ev in ns.fit_stream(model_failing_at_runtime, X, Y, P0):
+        with pytest.raises(ns.FitError, match="sensor offline at run time"):
+            async for ev in ns.fit_stream(runtime_failing_model, X, Y, P0):
                 evs.append(ev)
     assert [type(e) for e in evs] == [FitStarted, FitFailed]
-    assert "sensor offline at runtime" in evs[-1].message
+    assert "sensor offline at run time" in evs[-1].message
     await assert_no_leftover_tasks(before)
 
 
