@@ -214,7 +214,7 @@ def run_chunks(
     current = np.zeros(0)
     try:
         while True:
-            v, rows, trials, current = _engine.unpack_chunk(np.asarray(packed), n)
+            v, rows, trials, current = _engine.unpack_chunk(_engine.fetch(packed), n)
             running = v["status"] == _engine.RUNNING
             k, stop = channel.on_rows(np.asarray(rows, np.float64), trials, last=not running)
             if not running or stop:

@@ -120,7 +120,7 @@ def run(
     scalars = np.array([tols[0], tols[1], tols[2], f_scale, max_nfev], dtype)
     if channel is None:
         out = _engine.solve(problem, config, vectors, scalars, data)
-        v = _engine.unpack(np.asarray(out.packed), x0.shape[0])
+        v = _engine.unpack(_engine.fetch(out.packed), x0.shape[0])
         fun, jac = out.fun, out.jac
     else:
         from ._emitter import run_chunks

@@ -132,3 +132,35 @@ def test_float32_least_squares(method):
     for value in (res.x, res.fun, res.jac):
         assert np.asarray(value).dtype == np.float32
     np.testing.assert_allclose(res.x, ref.x, rtol=1e-4, atol=1e-5)
+
+
+def test_solver_programs_use_the_cpu_compiler_options():
+    """On CPU the solver is compiled with the classic emitters (half the compile time); the
+    option reaches XLA, which rejects an option it does not know (see the next test)."""
+    from nlsq_stream import _engine
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the compiler options are CPU-only")
+    options = _engine.compiler_options()
+    if options is None:
+        pytest.skip(f"jax {jax.__version__} does not know {_engine._CPU_COMPILER_OPTIONS}")
+    assert options == _engine._CPU_COMPILER_OPTIONS
+    x, y, p0 = data(3, m=M + 2)
+    popt, _ = curve_fit(model, x, y, p0=p0)
+    assert np.all(np.isfinite(popt))
+
+
+def test_an_unknown_compiler_option_falls_back_to_xla_defaults(monkeypatch):
+    from nlsq_stream import _engine
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the compiler options are CPU-only")
+    bogus = {"xla_cpu_no_such_option_for_this_test": True}
+    with pytest.raises(Exception, match="xla_cpu_no_such_option_for_this_test"):
+        jax.jit(lambda v: v * 2, compiler_options=bogus).lower(np.zeros(2)).compile()
+    monkeypatch.setattr(_engine, "_CPU_COMPILER_OPTIONS", bogus)
+    _engine.compiler_options.cache_clear()
+    try:
+        assert _engine.compiler_options() is None
+    finally:
+        _engine.compiler_options.cache_clear()
