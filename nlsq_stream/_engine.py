@@ -161,7 +161,7 @@ class _Program:
     def _get(self) -> Any:
         if self._jit is None:
             options = compiler_options()
-            extra = {} if options is None else {"compiler_options": options}
+            extra: dict[str, Any] = {} if options is None else {"compiler_options": options}
             self._jit = jax.jit(self._fn, static_argnames=("problem", "config"), **extra)
         return self._jit
 
@@ -179,7 +179,7 @@ def _program(fn: Callable[..., Any]) -> Any:
 SPIN_S = 5e-4  # how long ``fetch`` polls before it blocks
 
 
-def fetch(a: Array, spin_s: float = SPIN_S) -> np.ndarray:
+def fetch(a: Any, spin_s: float = SPIN_S) -> np.ndarray:
     """``np.asarray(a)``, polling for up to ``spin_s`` seconds before blocking.
 
     XLA runs any program above a tiny cost estimate on its own thread, and a host thread blocked
