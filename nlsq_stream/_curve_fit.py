@@ -123,9 +123,7 @@ def _as_data_array(name: str, value: Any, dtype: np.dtype[Any], check_finite: bo
             host = np.asarray(value)
         except (TypeError, ValueError) as e:
             raise TypeError(f"`{name}` must be an array of numbers, got {value!r:.60}") from e
-        if not (np.issubdtype(host.dtype, np.number) or host.dtype == np.bool_) or np.iscomplexobj(
-            host
-        ):
+        if host.dtype.kind not in "biuf":
             raise TypeError(f"`{name}` must hold real numbers, got dtype {host.dtype}")
         arr = host.astype(dtype, copy=False)
     if check_finite:
@@ -328,7 +326,7 @@ def prepare_curve_fit(
         raise ValueError("`ydata` must not be empty")
     x = _check_xdata(xdata, m, dtype, check_finite)
     lb, ub = _validate.prepare_bounds(bounds, n, dtype)
-    has_bounds = bool(np.any(np.isfinite(lb)) or np.any(np.isfinite(ub)))
+    has_bounds = _validate.has_bounds(bounds, lb, ub)
     if p0 is None:
         p0a = _initialize_feasible(lb, ub).astype(dtype)
     else:

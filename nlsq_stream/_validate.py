@@ -6,6 +6,7 @@ names the argument and says what was expected.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +23,17 @@ def float_dtype(*arrays: Any) -> np.dtype[Any]:
 
     float32 inputs stay float32 even when x64 is on, so single precision can be asked for.
     """
-    dt = np.result_type(*[np.asarray(a).dtype for a in arrays], np.float32)
-    if not np.issubdtype(dt, np.floating):
+    dt = np.result_type(*[_dtype_of(a) for a in arrays], np.float32)
+    if dt.kind != "f":
         dt = np.dtype(np.float64)
     return np.dtype(jax.dtypes.canonicalize_dtype(dt))
+
+
+def _dtype_of(a: Any) -> np.dtype[Any]:
+    if isinstance(a, (list, tuple)) and all(type(v) is float or type(v) is int for v in a):
+        return np.dtype(np.float64)  # what np.asarray(a) gives, without building the array
+    dtype = getattr(a, "dtype", None)
+    return dtype if isinstance(dtype, np.dtype) else np.asarray(a).dtype
 
 
 def check_callable(name: str, value: Any) -> None:
@@ -80,7 +88,7 @@ def check_tolerances(
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
         v = float(value)
-        if not (v >= 0) or not np.isfinite(v):
+        if not (v >= 0) or not math.isfinite(v):
             raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
         out.append(v)
     if all(v == 0 for v in out):
@@ -114,9 +122,9 @@ def check_x0(name: str, x0: Any, dtype: np.dtype[Any] | None = None) -> np.ndarr
         raise ValueError(f"`{name}` must be 1-D, got shape {x.shape}")
     if x.size == 0:
         raise ValueError(f"`{name}` must not be empty")
-    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+    if x.dtype.kind not in "biuf":
         raise TypeError(f"`{name}` must hold real numbers, got dtype {x.dtype}")
-    if not np.all(np.isfinite(x)):
+    if not all_finite(x):
         raise ValueError(f"`{name}` must be finite, got {x}")
     return x
 
@@ -166,6 +174,14 @@ def prepare_bounds(bounds: Any, n: int, dtype: np.dtype[Any]) -> tuple[np.ndarra
     return lb, ub
 
 
+def has_bounds(bounds: Any, lb: np.ndarray, ub: np.ndarray) -> bool:
+    """Does any parameter have a finite bound? (``bounds`` as passed, ``lb``/``ub`` prepared.)"""
+    if type(bounds) is tuple and len(bounds) == 2 and _is_neg_inf(bounds[0]):
+        if _is_pos_inf(bounds[1]):
+            return False  # the default, answered without looking at the arrays
+    return bool(np.isfinite(lb).any() or np.isfinite(ub).any())
+
+
 def _is_neg_inf(v: Any) -> bool:
     return type(v) is float and v == -np.inf
 
@@ -176,7 +192,7 @@ def _is_pos_inf(v: Any) -> bool:
 
 def all_finite(a: np.ndarray) -> bool:
     """True when no element is NaN or inf (two reductions; no boolean temporary)."""
-    if a.size == 0 or not np.issubdtype(a.dtype, np.floating):
+    if a.size == 0 or a.dtype.kind != "f":
         return True
     return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
