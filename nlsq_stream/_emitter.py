@@ -231,5 +231,7 @@ def run_chunks(
         # The iteration the fit stopped at is reported even where level 1 skipped it.
         if int(current[0]) > channel.last_iteration:
             channel.on_rows(np.asarray(current[None, :], np.float64), 0, last=True)
+    if not config.fun_jac:
+        return v, None, None
     fun, jac = _engine.fun_and_jac(problem, config, v["x"], scalars, data)
     return v, fun, jac

@@ -76,6 +76,7 @@ class Config:
     has_bounds: bool
     jac_scale: bool
     emitter: Any = None  # a hashable _emitter.Emitter, or None: no host callback compiled at all
+    fun_jac: bool = True  # compute ``fun`` and ``jac`` at the solution (curve_fit needs neither)
 
 
 class Evaluation(NamedTuple):
@@ -107,11 +108,12 @@ class State(NamedTuple):
 
 class Output(NamedTuple):
     """What a fit returns. ``packed`` holds every small result in one array, so the host fetches
-    them with a single transfer: see ``unpack``."""
+    them with a single transfer: see ``unpack``. ``fun`` and ``jac`` are None unless
+    ``config.fun_jac``."""
 
     packed: Array
-    fun: Array
-    jac: Array
+    fun: Array | None
+    jac: Array | None
 
 
 def _pack(st: State, m: int) -> Array:
@@ -216,12 +218,17 @@ def unpack(packed: np.ndarray, n: int) -> dict[str, Any]:
 def _evaluate(problem: Problem, config: Config, x: Array, data: Any, f_scale: Array) -> Evaluation:
     n = x.shape[0]
     f, jt = problem.residual_and_jt(x, data)
-    cost = _losses.cost(config.loss, f, f_scale)
     fs, jts = _losses.scale_residuals_and_jacobian(config.loss, f, jt, f_scale)
     # Thin QR of [J f] (m x (n+1)): the last column of R is Q.T f, so Q is never formed.
     rf = thin_r(jnp.concatenate([jts, fs[None, :]], axis=0))
     r = rf[:n, :n]
     qtf = rf[:n, n]
+    if config.loss == "linear":
+        # ||f||^2 is the squared norm of R's last column (Q is orthogonal): f is then read only
+        # by the fusion that writes [J f], so XLA keeps no separate m-sized copy of it.
+        cost = 0.5 * jnp.sum(rf[:, n] ** 2)
+    else:
+        cost = _losses.cost(config.loss, f, f_scale)
     finite = jnp.isfinite(cost) & jnp.all(jnp.isfinite(rf))
     return Evaluation(cost, r, qtf, finite)
 
@@ -565,6 +572,9 @@ def _run(
 
 
 def _finish(problem: Problem, config: Config, st: State, scalars: Array, data: Any) -> Output:
+    if not config.fun_jac:  # no m-sized outputs, and one evaluation less
+        m = jax.eval_shape(lambda x: problem.residual(x, data), st.x).shape[0]
+        return Output(packed=_pack(st, m), fun=None, jac=None)
     f_final, jt_final = problem.residual_and_jt(st.x, data)
     _, jts = _losses.scale_residuals_and_jacobian(config.loss, f_final, jt_final, scalars[3])
     return Output(packed=_pack(st, f_final.shape[0]), fun=f_final, jac=jts.T)
