@@ -127,3 +127,32 @@ def test_last_rows_wait_for_the_terminal_hand_off():
     assert got == list(range(res.nit + 1))
     channel.release()  # idempotent
     assert sum(len(r) for r in rows) == res.nit + 1
+
+
+def test_without_fun_jac_the_fit_has_no_residual_sized_outputs(monkeypatch):
+    """curve_fit without full_output needs neither fun nor jac: the silent program returns only
+    the packed results, and a watched fit dispatches no final evaluation."""
+    prep = _prep()
+    vectors = np.stack([prep.x0, prep.lb, prep.ub, prep.x_scale])
+    scalars = np.array([*prep.tols, prep.f_scale, prep.max_nfev])
+    m = prep.n_residuals
+    for fun_jac, shapes in ((True, {(m,), (m, 2)}), (False, set())):
+        config = _engine.Config(**{**prep.config_kw, "fun_jac": fun_jac})
+        out = _engine.solve.trace(prep.problem, config, vectors, scalars, prep.data).out_info
+        assert {o.shape for o in (out.fun, out.jac) if o is not None} == shapes
+    calls = []
+    real = _engine.fun_and_jac
+    monkeypatch.setattr(_engine, "fun_and_jac", lambda *a: calls.append(1) or real(*a))
+    x, y = slow_problem()
+    popt, _ = _curve_fit.curve_fit(model, x, y, p0=[1.0, 0.5], verbose=2, sinks=[_null_sink])
+    assert calls == []
+    popt2, _, info, _, _ = _curve_fit.curve_fit(
+        model, x, y, p0=[1.0, 0.5], verbose=2, sinks=[_null_sink], full_output=True
+    )
+    assert calls == [1]
+    np.testing.assert_allclose(popt2, popt)
+    np.testing.assert_allclose(info["fvec"], model(x, *popt) - y, atol=1e-10)
+
+
+async def _null_sink(event):
+    """Takes every event and does nothing with it."""
