@@ -129,6 +129,7 @@ def test_last_rows_wait_for_the_terminal_hand_off():
     assert sum(len(r) for r in rows) == res.nit + 1
 
 
+@pytest.mark.usefixtures("no_leftover_threads")
 def test_without_fun_jac_the_fit_has_no_residual_sized_outputs(monkeypatch):
     """curve_fit without full_output needs neither fun nor jac: the silent program returns only
     the packed results, and a watched fit dispatches no final evaluation."""
