@@ -157,18 +157,19 @@ class Channel:
     def on_rows(self, rows: np.ndarray, trials: int, last: bool = False) -> tuple[int, bool]:
         """Take a chunk's rows, from ``trials`` trials; answer (trials in the next chunk, stop?).
 
-        Rows that come with no trial leave the timing alone. The ``last`` rows of a fit are held
-        back for ``release()``, which the pipeline calls just before it publishes the terminal
-        event: a short fit's events then reach the watchers in one hand-off.
+        The same as ``on_chunk(trials)`` then ``deliver(rows, last)``.
+        """
+        answer = self.on_chunk(trials)
+        self.deliver(rows, last)
+        return answer
+
+    def on_chunk(self, trials: int) -> tuple[int, bool]:
+        """A chunk of ``trials`` trials ended: answer (trials in the next chunk, stop?).
+
+        A chunk with no trial leaves the timing alone.
         """
         now = time.perf_counter()
         self.flushes += 1
-        if rows.shape[0]:
-            self.last_iteration = int(rows[-1, 0])
-            if last:
-                self._held = (rows, time.time())
-            else:
-                self._sink(rows, time.time())
         if trials > 0:
             per_trial = max((now - self._last) / trials, 1e-7)
             if self._key is not None and trials > 1:
@@ -176,6 +177,17 @@ class Channel:
             self._last = now
             self._k = self._k_for(per_trial)
         return self._k, self.stop_requested.is_set()
+
+    def deliver(self, rows: np.ndarray, last: bool = False) -> None:
+        """Hand a chunk's rows on. The ``last`` rows of a fit are held back for ``release()``,
+        which the pipeline calls just before it publishes the terminal event: a short fit's
+        events then reach the watchers in one hand-off."""
+        if rows.shape[0]:
+            self.last_iteration = int(rows[-1, 0])
+            if last:
+                self._held = (rows, time.time())
+            else:
+                self._sink(rows, time.time())
 
 
 _PER_TRIAL: collections.OrderedDict[Any, float] = collections.OrderedDict()  # s per trial
@@ -216,12 +228,16 @@ def run_chunks(
         while True:
             v, rows, trials, current = _engine.unpack_chunk(_engine.fetch(packed), n)
             running = v["status"] == _engine.RUNNING
-            k, stop = channel.on_rows(np.asarray(rows, np.float64), trials, last=not running)
+            k, stop = channel.on_chunk(trials)
+            if running and not stop:
+                # The next chunk goes first: the sinks' work on these rows (in their thread,
+                # under the GIL) then overlaps the device's, instead of delaying its dispatch.
+                flat, packed = _engine.solve_chunk(
+                    problem, config, vectors, scalars, data, flat, np.int32(k)
+                )
+            channel.deliver(np.asarray(rows, np.float64), last=not running)
             if not running or stop:
                 break
-            flat, packed = _engine.solve_chunk(
-                problem, config, vectors, scalars, data, flat, np.int32(k)
-            )
     except KeyboardInterrupt as e:  # Ctrl-C where no handler of ours caught it
         if v is None:
             raise

@@ -77,6 +77,7 @@ class Config:
     jac_scale: bool
     emitter: Any = None  # a hashable _emitter.Emitter, or None: no host callback compiled at all
     fun_jac: bool = True  # compute ``fun`` and ``jac`` at the solution (curve_fit needs neither)
+    heap: int = 0  # XLA's per-heap limit for temporaries (``heap_limit``); 0: XLA's default
 
 
 class Evaluation(NamedTuple):
@@ -153,25 +154,52 @@ def compiler_options() -> dict[str, Any] | None:
 
 class _Program:
     """A solver program: ``jax.jit`` of ``fn`` with static ``problem`` and ``config``, built at
-    first use so that its compiler options can depend on the backend."""
+    first use so that its compiler options can depend on the backend, one variant per
+    ``config.heap`` (see ``heap_limit``)."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self._fn = fn
-        self._jit: Any = None
+        self._jits: dict[int, Any] = {}
         functools.update_wrapper(self, fn)
 
-    def _get(self) -> Any:
-        if self._jit is None:
+    def variant(self, heap: int = 0) -> Any:
+        jitted = self._jits.get(heap)
+        if jitted is None:
             options = compiler_options()
-            extra: dict[str, Any] = {} if options is None else {"compiler_options": options}
-            self._jit = jax.jit(self._fn, static_argnames=("problem", "config"), **extra)
-        return self._jit
+            extra: dict[str, Any] = {}
+            if options is not None:
+                if heap:
+                    options = {**options, "xla_multiheap_size_constraint_per_heap": heap}
+                extra = {"compiler_options": options}
+            jitted = jax.jit(self._fn, static_argnames=("problem", "config"), **extra)
+            self._jits[heap] = jitted
+        return jitted
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return (self._jit or self._get())(*args, **kwargs)
+    def __call__(self, problem: Any, config: Config, *args: Any) -> Any:
+        return self.variant(config.heap)(problem, config, *args)
 
     def __getattr__(self, name: str) -> Any:  # trace, lower, _cache_size, ...
-        return getattr(self._get(), name)
+        return getattr(self.variant(), name)
+
+
+MALLOC_RECYCLED = 31 << 20  # glibc's malloc mmaps (and so zero-fills) blocks over 32 MiB
+
+
+def heap_limit(n: int, m: int, itemsize: int) -> int:
+    """XLA's per-heap size limit for a fit's temporaries, or 0 for XLA's default (one heap).
+
+    XLA allocates a program's temporaries as one block per run. Over 32 MiB, glibc's malloc maps
+    fresh pages for it every time, and the kernel zero-fills them on first touch: at 1e6 points
+    (38 MiB) that cost ~6 ms per run, paid by every chunk of a watched fit (10-15 %, measured).
+    Heaps of at most 31 MiB are blocks malloc recycles. When the largest buffer, ``[J f]`` in
+    TSQR blocks, is bigger than that anyway, nothing is gained: XLA's default is kept.
+    """
+    rows = m if m <= 2 * TSQR_BLOCK else -(-m // TSQR_BLOCK) * TSQR_BLOCK
+    if compiler_options() is None or (n + 1) * rows * itemsize > MALLOC_RECYCLED:
+        return 0
+    if 2 * (n + 1) * rows * itemsize <= MALLOC_RECYCLED:
+        return 0  # all temporaries are small: one heap is small too, as a rule
+    return MALLOC_RECYCLED
 
 
 def _program(fn: Callable[..., Any]) -> Any:

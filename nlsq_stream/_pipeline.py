@@ -103,8 +103,9 @@ def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -
     """Run the fit on the device; with ``level`` > 0 records flow through ``channel``."""
     from ._least_squares import run
 
+    heap = _engine.heap_limit(prep.x0.size, prep.n_residuals, prep.x0.dtype.itemsize)
     if level == 0 or channel is None:
-        config = _engine.Config(**prep.config_kw)
+        config = _engine.Config(**prep.config_kw, heap=heap)
         res = run(
             prep.problem,
             config,
@@ -118,7 +119,7 @@ def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -
             prep.max_nfev,
         )
     else:
-        config = _engine.Config(**prep.config_kw, emitter=Emitter(level))
+        config = _engine.Config(**prep.config_kw, emitter=Emitter(level), heap=heap)
         key = (prep.problem, config, prep.x0.shape, prep.n_residuals, prep.x0.dtype.str)
         args = (prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale)
         with _ctrl_c_stops(channel):
