@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -185,21 +185,67 @@ class _Program:
 MALLOC_RECYCLED = 31 << 20  # glibc's malloc mmaps (and so zero-fills) blocks over 32 MiB
 
 
-def heap_limit(n: int, m: int, itemsize: int) -> int:
+def heap_limit(problem: Problem, x0: np.ndarray, data: Any, m: int) -> int:
     """XLA's per-heap size limit for a fit's temporaries, or 0 for XLA's default (one heap).
 
     XLA allocates a program's temporaries as one block per run. Over 32 MiB, glibc's malloc maps
     fresh pages for it every time, and the kernel zero-fills them on first touch: at 1e6 points
     (38 MiB) that cost ~6 ms per run, paid by every chunk of a watched fit (10-15 %, measured).
-    Heaps of at most 31 MiB are blocks malloc recycles. When the largest buffer, ``[J f]`` in
-    TSQR blocks, is bigger than that anyway, nothing is gained: XLA's default is kept.
+    Heaps of at most 31 MiB are blocks malloc recycles. The limit is set only where every
+    buffer fits in it (XLA logs a warning for each one that does not): ``[J f]`` in TSQR blocks,
+    and every intermediate of the model's evaluation. Small problems need no limit.
     """
+    n, itemsize = x0.shape[0], x0.dtype.itemsize
     rows = m if m <= 2 * TSQR_BLOCK else -(-m // TSQR_BLOCK) * TSQR_BLOCK
-    if compiler_options() is None or (n + 1) * rows * itemsize > MALLOC_RECYCLED:
+    biggest = (n + 1) * rows * itemsize
+    if compiler_options() is None or not MALLOC_RECYCLED // 2 < biggest <= MALLOC_RECYCLED:
+        return 0  # small: one heap is small too, as a rule; big: nothing to gain
+    try:
+        largest = _largest_intermediate(problem, x0, data)
+    except Exception:  # an unusual model or data tree: keep XLA's default
         return 0
-    if 2 * (n + 1) * rows * itemsize <= MALLOC_RECYCLED:
-        return 0  # all temporaries are small: one heap is small too, as a rule
-    return MALLOC_RECYCLED
+    return MALLOC_RECYCLED if largest <= MALLOC_RECYCLED else 0
+
+
+def _largest_intermediate(problem: Problem, x0: np.ndarray, data: Any) -> int:
+    """Bytes of the largest value in one evaluation of residuals and Jacobian (traced only)."""
+    leaves, treedef = jax.tree_util.tree_flatten(data)
+    key: Any = (problem, treedef, x0.shape, x0.dtype.str)
+    key += tuple((np.shape(v), np.result_type(v).str) for v in leaves)
+    cached = _LARGEST.get(key)
+    if cached is not None:
+        return cached
+    spec = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), data)
+    closed = jax.make_jaxpr(problem.residual_and_jt)(jax.ShapeDtypeStruct(x0.shape, x0.dtype), spec)
+    largest = max((_bytes(v.aval) for v in _jaxpr_vars(closed.jaxpr)), default=0)
+    if len(_LARGEST) >= 64:
+        _LARGEST.clear()
+    _LARGEST[key] = largest
+    return largest
+
+
+_LARGEST: dict[Any, int] = {}
+
+_subjaxprs: Callable[[Any], Iterator[Any]]
+try:
+    from jax.extend.core import jaxprs_in_params as _subjaxprs
+except ImportError:  # older jax
+    _subjaxprs = jax.core.jaxprs_in_params
+
+
+def _bytes(aval: Any) -> int:
+    shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+    if shape is None or dtype is None:
+        return 0
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _jaxpr_vars(jaxpr: Any) -> Iterator[Any]:
+    yield from jaxpr.invars
+    for eqn in jaxpr.eqns:
+        yield from eqn.outvars
+        for sub in _subjaxprs(eqn.params):
+            yield from _jaxpr_vars(sub)
 
 
 def _program(fn: Callable[..., Any]) -> Any:

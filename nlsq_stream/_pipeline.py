@@ -103,7 +103,7 @@ def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -
     """Run the fit on the device; with ``level`` > 0 records flow through ``channel``."""
     from ._least_squares import run
 
-    heap = _engine.heap_limit(prep.x0.size, prep.n_residuals, prep.x0.dtype.itemsize)
+    heap = _engine.heap_limit(prep.problem, prep.x0, prep.data, prep.n_residuals)
     if level == 0 or channel is None:
         config = _engine.Config(**prep.config_kw, heap=heap)
         res = run(

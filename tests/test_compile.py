@@ -164,3 +164,27 @@ def test_an_unknown_compiler_option_falls_back_to_xla_defaults(monkeypatch):
         assert _engine.compiler_options() is None
     finally:
         _engine.compiler_options.cache_clear()
+
+
+def test_heap_limit_only_where_every_buffer_fits():
+    """Heaps of at most 31 MiB (temporaries malloc recycles) are asked for only where the
+    largest buffer fits in one: else XLA would warn about each buffer that does not."""
+    from nlsq_stream import _curve_fit, _engine
+
+    if _engine.compiler_options() is None:
+        pytest.skip("the heap limit is a CPU compiler option")
+
+    def wide(x, a, b, c):
+        """Materializes an (m, 8) intermediate: 64 MB at 1e6 points."""
+        g = jnp.exp(-(((x[:, None] - jnp.linspace(0, 5, 8)[None, :]) * b) ** 2))
+        return a * jnp.cumsum(g, axis=1)[:, -1] + c
+
+    def limit(f, m):
+        x = np.linspace(0.0, 5.0, m)
+        prep = _curve_fit.prepare_curve_fit(f, x, np.zeros(m), p0=[1.0, 1.0, 0.0])
+        return _engine.heap_limit(prep.problem, prep.x0, prep.data, prep.n_residuals)
+
+    assert limit(model, 1_000_000) == _engine.MALLOC_RECYCLED  # [J f]: 30.6 MiB
+    assert limit(wide, 1_000_000) == 0
+    assert limit(model, 10_000) == 0  # small: one heap is small anyway
+    assert limit(model, 4_000_000) == 0  # [J f] alone is over the limit
