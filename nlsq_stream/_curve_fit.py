@@ -320,7 +320,7 @@ def prepare_curve_fit(
         y_host = ydata if isinstance(ydata, jax.Array) else np.asarray(ydata)
     except (TypeError, ValueError) as e:
         raise TypeError(f"`ydata` must be an array of numbers, got {ydata!r:.60}") from e
-    dtype = _validate.float_dtype(np.empty(0, y_host.dtype), *(() if p0 is None else (p0,)))
+    dtype = _validate.float_dtype(y_host.dtype, *(() if p0 is None else (p0,)))
     y = _as_data_array("ydata", y_host, dtype, check_finite)
     if np.ndim(y) != 1:
         raise ValueError(f"`ydata` must be 1-D, got shape {np.shape(y)}")
@@ -346,7 +346,8 @@ def prepare_curve_fit(
             f"`method`='lm' needs at least as many data points as parameters: ydata has {m} "
             f"points for {n} parameters"
         )
-    _validate.check_in_bounds("p0", p0a, lb, ub)
+    if has_bounds:
+        _validate.check_in_bounds("p0", p0a, lb, ub)
     sigma_kind, transform = _prepare_sigma(sigma, m, dtype)
     loss = _validate.check_loss(kwargs.get("loss", "linear"), LOSSES)
     if method == "lm" and loss != "linear":

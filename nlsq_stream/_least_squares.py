@@ -274,7 +274,8 @@ def prepare_least_squares(
         raise ValueError(
             "`method`='lm' does not support `bounds`; use method='trf' for bounded problems"
         )
-    _validate.check_in_bounds("x0", x0a, lb, ub)
+    if has_bounds:
+        _validate.check_in_bounds("x0", x0a, lb, ub)
     xs = _validate.check_x_scale(x_scale, n, dtype)
     tols = _validate.check_tolerances(ftol, xtol, gtol, dtype)
     f_scale_v = _validate.check_positive_scalar("f_scale", f_scale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -101,8 +102,7 @@ def result_summary(res: OptimizeResult) -> dict[str, Any]:
 
 def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -> OptimizeResult:
     """Run the fit on the device; with ``level`` > 0 records flow through ``channel``."""
-    from ._least_squares import run
-
+    run = _run_fit()
     heap = _engine.heap_limit(prep.problem, prep.x0, prep.data, prep.n_residuals)
     if level == 0 or channel is None:
         config = _engine.Config(**prep.config_kw, heap=heap)
@@ -127,6 +127,13 @@ def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -
     if prep.finalize is not None:
         prep.finalize(res)
     return res
+
+
+@functools.cache
+def _run_fit() -> Callable[..., OptimizeResult]:
+    from ._least_squares import run  # a cycle: _least_squares builds on this module
+
+    return run
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ JAC_STRINGS: tuple[str, ...] = ("2-point", "3-point", "cs")
 
 
 def float_dtype(*arrays: Any) -> np.dtype[Any]:
-    """The floating dtype a fit runs in: float64 when JAX has x64 enabled, else float32.
+    """The floating dtype a fit runs in (of arrays, sequences or dtypes): float64 when JAX has
+    x64 enabled, else float32.
 
     float32 inputs stay float32 even when x64 is on, so single precision can be asked for.
     """
@@ -30,6 +31,8 @@ def float_dtype(*arrays: Any) -> np.dtype[Any]:
 
 
 def _dtype_of(a: Any) -> np.dtype[Any]:
+    if isinstance(a, np.dtype):
+        return a
     if isinstance(a, (list, tuple)) and all(type(v) is float or type(v) is int for v in a):
         return np.dtype(np.float64)  # what np.asarray(a) gives, without building the array
     dtype = getattr(a, "dtype", None)
@@ -85,7 +88,9 @@ def check_tolerances(
     for name, value in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
         if value is None:
             value = 0.0
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if type(value) is not float and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real)
+        ):
             raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
         v = float(value)
         if not (v >= 0) or not math.isfinite(v):
