@@ -257,7 +257,7 @@ async def test_latest_consumer_skips_while_lossless_sees_all(anyio_backend):
     assert isinstance(latest[0], FitStarted) and isinstance(latest[-1], FitFinished)
     assert sum(isinstance(e, FitFinished) for e in latest) == 1
     seen = iterations(latest)
-    assert all(a < b for a, b in itertools.pairwise(seen))
+    assert all(a < b for a, b in itertools.pairwise(seen)), seen
     assert seen[-1] == nit  # the last iteration always arrives (iteration 0 may be skipped)
     assert stream.skipped > 0
     assert len(seen) + stream.skipped == nit + 1  # skipped counts exactly what it did not see
