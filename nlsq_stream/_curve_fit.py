@@ -28,15 +28,18 @@ _LS_KWARGS = ("ftol", "xtol", "gtol", "x_scale", "loss", "f_scale", "max_nfev", 
 class CurveFitProblem:
     """Residuals ``transform (f(xdata, *p) - ydata)``; ``data`` is ``(xdata, ydata, transform)``.
 
-    ``sigma_kind`` is ``"none"``, ``"1d"`` (transform = 1 / sigma) or ``"2d"`` (transform is the
-    lower Cholesky factor L of the covariance; residuals are ``L^-1 r``).
+    ``sigma_kind`` is ``"none"`` (transform is None), ``"1d"`` (transform = 1 / sigma) or
+    ``"2d"`` (transform is the lower Cholesky factor L of the covariance; residuals are
+    ``L^-1 r``).
     """
 
     model: Callable[..., Any]
     jac: Callable[..., Any] | None
     sigma_kind: str
 
-    def _weigh(self, r: Array, transform: Array) -> Array:
+    def _weigh(self, r: Array, transform: Array | None) -> Array:
+        if transform is None:  # sigma_kind "none"
+            return r
         if self.sigma_kind == "1d":
             return r * (transform if r.ndim == 1 else transform[:, None])
         if self.sigma_kind == "2d":
@@ -163,9 +166,9 @@ def _check_points(name: str, arr: Any, m: int) -> None:
         )
 
 
-def _prepare_sigma(sigma: Any, m: int, dtype: np.dtype[Any]) -> tuple[str, np.ndarray]:
+def _prepare_sigma(sigma: Any, m: int, dtype: np.dtype[Any]) -> tuple[str, np.ndarray | None]:
     if sigma is None:
-        return "none", np.zeros((), dtype)
+        return "none", None  # no argument at all for the compiled solver
     try:
         s = np.asarray(sigma, dtype=dtype)
     except (TypeError, ValueError) as e:
