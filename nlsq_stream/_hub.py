@@ -189,9 +189,16 @@ class Subscription:
 
     def _received(self, ev: Event) -> Event:
         # Under "latest" an Iteration that waited in the stream is stale if a newer one waits
-        # beside it: hand out the newer one instead, so at most one Iteration ever waits.
+        # beside it: hand out the newer one instead, so at most one Iteration ever waits. Not
+        # while the stream still buffers an event: a receiver that was already waiting got ``ev``
+        # handed over directly, so the buffered event is newer than ``ev`` but older than the
+        # side's, and swapping would hand the side's out before it (seen: iterations 2, 1).
         if self.policy == "latest" and isinstance(ev, Iteration):
-            if self._side and isinstance(self._side[0], Iteration):
+            if (
+                self._side
+                and isinstance(self._side[0], Iteration)
+                and self._recv.statistics().current_buffer_used == 0
+            ):
                 ev = self._side.popleft()
                 self.skipped += 1
         self.received += 1

@@ -123,6 +123,35 @@ async def test_latest_slow_reader_gets_only_the_newest_iteration(anyio_backend):
 
 
 @pytest.mark.anyio
+async def test_latest_stays_in_order_when_the_reader_was_already_waiting(anyio_backend):
+    """A waiting reader is handed iteration 0 directly, 1 is then buffered in the stream and 2
+    waits beside it: the reader must get 1 (or nothing) before 2, never 2 then 1."""
+    hub = Hub()
+    sub = hub.subscribe(Subscription("f", "latest"))
+    hub.publish(Batch("f", [started()]))
+    assert isinstance(await sub.receive(), FitStarted)
+    got: list = []
+
+    async def reader():
+        got.append(await sub.receive())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await anyio.wait_all_tasks_blocked()  # the reader waits in receive()
+        for i in range(3):  # three hand-offs that run before the reader wakes up
+            hub.publish(Batch("f", [it(i)]))
+        await settle()
+    hub.publish(Batch("f", [finished()]))
+    await settle()
+    got += [ev async for ev in sub]
+    seen = iterations(got)
+    assert seen[0] == 0 and seen[-1] == 2
+    assert all(a < b for a, b in itertools.pairwise(seen)), seen
+    assert len(seen) + sub.skipped == 3
+    assert isinstance(got[-1], FitFinished)
+
+
+@pytest.mark.anyio
 async def test_latest_never_drops_started_or_terminal(anyio_backend):
     hub = Hub()
     sub = hub.subscribe(Subscription(None, "latest"))
