@@ -14,6 +14,8 @@ the records come back, one transfer per chunk.
   the latency (a record waits at most one interval). A problem seen before starts with the
   per-trial time of its last fit, so a short fit is a single chunk; a new one starts with a chunk
   of one trial (iteration 0 reaches the watchers at once, and the host learns the trial time).
+  A chunk stretches up to ``TAIL`` intervals (60 ms) when the fit is expected to end within it
+  (the last fit of the problem took that many trials): no short last chunk.
   Counting trials rather than records means that a long run of rejected trials still ends its
   chunk, so a stop request always gets through. A chunk also ends when its buffer is full.
 * a stop request (``stream.stop()``, the Stop button, Ctrl-C) is seen between chunks: the fit
@@ -41,6 +43,7 @@ from jax import Array
 from . import _engine
 
 TARGET_INTERVAL = 0.04  # seconds of fit time per chunk (latency budget: 100 ms)
+TAIL = 1.5  # a chunk stretches this far to end a fit expected to end within it (60 ms)
 K_MAX = 256  # rows in the device buffer (a full buffer ends the chunk)
 K_TRIALS_MAX = 1 << 14  # at most this many trials per chunk
 ROW_HEAD = 6  # iteration, nfev, cost, cost_reduction, step_norm, optimality; then the params
@@ -120,6 +123,8 @@ class Channel:
         self._target = target_interval
         self._last = time.perf_counter()
         self._k = 1
+        self._trials = 0  # run so far
+        self._expected: int | None = None  # trials the last fit of this problem needed
 
     def on_keyboard_interrupt(self, e: KeyboardInterrupt) -> None:
         """Ctrl-C during a watched fit: stop it (best parameters so far), re-raise afterwards."""
@@ -137,6 +142,7 @@ class Channel:
         self._key = key
         self._last = time.perf_counter()
         per_trial = _PER_TRIAL.get(key) if key is not None else None
+        self._expected = _TRIALS.get(key) if key is not None else None
         if per_trial is None:
             self.announce()  # a new problem may compile first: show the start at once
             return None
@@ -152,7 +158,19 @@ class Channel:
         """Make the fit's start known now (see ``_pipeline.HubChannel``); a no-op here."""
 
     def _k_for(self, per_trial: float) -> int:
-        return int(min(max(self._target / max(per_trial, 1e-7), 1), K_TRIALS_MAX))
+        k = int(min(max(self._target / max(per_trial, 1e-7), 1), K_TRIALS_MAX))
+        if self._expected is not None:
+            # A fit expected to end within TAIL chunks runs to its end in this one: a short
+            # last chunk would cost a chunk boundary (a few ms at 1e6 points) for little.
+            stretched = int(k * TAIL)
+            if 0 < self._expected - self._trials <= stretched:
+                k = stretched
+        return k
+
+    def remember_trials(self, trials: int) -> None:
+        """The fit ended after ``trials`` trials: the next fit of the problem expects as many."""
+        if self._key is not None:
+            _remember(_TRIALS, self._key, trials)
 
     def on_rows(self, rows: np.ndarray, trials: int, last: bool = False) -> tuple[int, bool]:
         """Take a chunk's rows, from ``trials`` trials; answer (trials in the next chunk, stop?).
@@ -170,6 +188,7 @@ class Channel:
         """
         now = time.perf_counter()
         self.flushes += 1
+        self._trials += trials
         if trials > 0:
             per_trial = max((now - self._last) / trials, 1e-7)
             if self._key is not None and trials > 1:
@@ -191,6 +210,7 @@ class Channel:
 
 
 _PER_TRIAL: collections.OrderedDict[Any, float] = collections.OrderedDict()  # s per trial
+_TRIALS: collections.OrderedDict[Any, int] = collections.OrderedDict()  # trials of the last fit
 
 
 def _remember(cache: collections.OrderedDict[Any, Any], key: Any, value: Any) -> None:
@@ -242,6 +262,8 @@ def run_chunks(
         if v is None:
             raise
         channel.on_keyboard_interrupt(e)
+    if v["status"] != _engine.RUNNING:
+        channel.remember_trials(int(v["nfev"]) - 1)  # a trial is one evaluation after the first
     if v["status"] == _engine.RUNNING:  # stopped between chunks
         v["status"] = _engine.STATUS_STOPPED
         # The iteration the fit stopped at is reported even where level 1 skipped it.
