@@ -492,8 +492,11 @@ def bench_stop(opts: BenchOptions) -> None:
             _say(opts, f"   {target * 1e3:>5.0f}ms {m:>9}  the fit ended before stop() was called")
             continue
         lat = [r[0] for r in runs]
-        per_iter = statistics.median(r[1] for r in runs)
-        net = max(r[0] - r[1] for r in runs)
+        timed = [r[1] for r in runs if not math.isnan(r[1])]  # nan: iterations in one batch
+        per_iter = statistics.median(timed) if timed else math.nan
+        # Less one iteration; where no run could time its iterations, nothing is subtracted.
+        one = [per_iter if math.isnan(r[1]) else r[1] for r in runs]
+        net = max(r[0] - (0.0 if math.isnan(t) else t) for r, t in zip(runs, one, strict=True))
         worst = max(worst, net)
         _say(
             opts,

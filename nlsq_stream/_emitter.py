@@ -262,7 +262,7 @@ def run_chunks(
         if v is None:
             raise
         channel.on_keyboard_interrupt(e)
-    if v["status"] != _engine.RUNNING:
+    if v["status"] > 0:  # converged: a fit cut short by max_nfev or a stop predicts nothing
         channel.remember_trials(int(v["nfev"]) - 1)  # a trial is one evaluation after the first
     if v["status"] == _engine.RUNNING:  # stopped between chunks
         v["status"] = _engine.STATUS_STOPPED
