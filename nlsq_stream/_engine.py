@@ -207,11 +207,27 @@ def heap_limit(problem: Problem, x0: np.ndarray, data: Any, m: int) -> int:
     return MALLOC_RECYCLED if largest <= MALLOC_RECYCLED else 0
 
 
+def shape_key(problem: Any, x0: np.ndarray, data: Any) -> Any:
+    """What a fit's programs depend on besides ``config``: the problem, the shapes and dtypes of
+    ``x0`` and of every leaf of ``data``, and the data's tree structure (a hashable key)."""
+    leaves, treedef = jax.tree_util.tree_flatten(data)
+    return (
+        problem,
+        treedef,
+        x0.shape,
+        x0.dtype.str,
+        tuple((np.shape(leaf), _dtype_str(leaf)) for leaf in leaves),
+    )
+
+
+def _dtype_str(leaf: Any) -> str:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype.str if isinstance(dtype, np.dtype) else np.result_type(leaf).str
+
+
 def _largest_intermediate(problem: Problem, x0: np.ndarray, data: Any) -> int:
     """Bytes of the largest value in one evaluation of residuals and Jacobian (traced only)."""
-    leaves, treedef = jax.tree_util.tree_flatten(data)
-    key: Any = (problem, treedef, x0.shape, x0.dtype.str)
-    key += tuple((np.shape(v), np.result_type(v).str) for v in leaves)
+    key = shape_key(problem, x0, data)
     cached = _LARGEST.get(key)
     if cached is not None:
         return cached

@@ -48,14 +48,7 @@ def output_shape(
     problem: Any, x0: np.ndarray, data: Any, raw: Callable[..., Any]
 ) -> tuple[int, ...]:
     """Shape of ``raw(x, data)`` found by tracing once per (problem, shapes, dtypes)."""
-    leaves, treedef = jax.tree_util.tree_flatten(data)
-    key: Any = (
-        problem,
-        treedef,
-        x0.shape,
-        x0.dtype.str,
-        tuple((np.shape(leaf), _dtype_str(leaf)) for leaf in leaves),
-    )
+    key: Any = _engine.shape_key(problem, x0, data)
     try:
         return _SHAPE_CACHE[key]
     except KeyError:
@@ -68,11 +61,6 @@ def output_shape(
             _SHAPE_CACHE.clear()
         _SHAPE_CACHE[key] = shape
     return shape
-
-
-def _dtype_str(leaf: Any) -> str:
-    dtype = getattr(leaf, "dtype", None)
-    return dtype.str if isinstance(dtype, np.dtype) else np.result_type(leaf).str
 
 
 def _check_data_tree(name: str, tree: Any) -> Any:
