@@ -116,11 +116,23 @@ def _initialize_feasible(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
     return p0
 
 
-def _as_data_array(name: str, value: Any, dtype: np.dtype[Any], check_finite: bool) -> Any:
+def _as_data_array(
+    name: str,
+    value: Any,
+    dtype: np.dtype[Any],
+    check_finite: bool,
+    on_device: list[tuple[str, Any]] | None = None,
+) -> Any:
+    """``value`` as a numpy array of ``dtype`` (a JAX array stays as it is), checked for NaN and
+    inf. The check of a JAX array is a device computation: with ``on_device`` it is left for
+    ``_check_finite_on_device``, which checks all of them in one."""
     arr: Any
     if isinstance(value, jax.Array):
         arr = value
         host = None
+        if check_finite and on_device is not None:
+            on_device.append((name, arr))
+            return arr
     else:
         try:
             host = np.asarray(value)
@@ -138,17 +150,41 @@ def _as_data_array(name: str, value: Any, dtype: np.dtype[Any], check_finite: bo
     return arr
 
 
-def _check_xdata(xdata: Any, m: int, dtype: np.dtype[Any], check_finite: bool) -> Any:
+@jax.jit
+def _finite_flags(*arrays: Any) -> Array:
+    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays])
+
+
+def _check_finite_on_device(arrays: list[tuple[str, Any]]) -> None:
+    """The NaN-and-inf check of every JAX array argument, as one device computation."""
+    if not arrays:
+        return
+    flags = _engine.fetch(_finite_flags(*[a for _, a in arrays]))
+    for (name, _), ok in zip(arrays, flags, strict=True):
+        if not ok:
+            raise ValueError(
+                f"`{name}` must not contain NaN or inf (pass check_finite=False to skip)"
+            )
+
+
+def _check_xdata(
+    xdata: Any,
+    m: int,
+    dtype: np.dtype[Any],
+    check_finite: bool,
+    on_device: list[tuple[str, Any]] | None = None,
+) -> Any:
     if isinstance(xdata, (tuple, list)):
         parts = tuple(
-            _as_data_array(f"xdata[{i}]", x, dtype, check_finite) for i, x in enumerate(xdata)
+            _as_data_array(f"xdata[{i}]", x, dtype, check_finite, on_device)
+            for i, x in enumerate(xdata)
         )
         if not parts:
             raise ValueError("`xdata` must not be empty")
         for i, part in enumerate(parts):
             _check_points(f"xdata[{i}]", part, m)
         return parts
-    arr = _as_data_array("xdata", xdata, dtype, check_finite)
+    arr = _as_data_array("xdata", xdata, dtype, check_finite, on_device)
     _check_points("xdata", arr, m)
     return arr
 
@@ -324,13 +360,15 @@ def prepare_curve_fit(
     except (TypeError, ValueError) as e:
         raise TypeError(f"`ydata` must be an array of numbers, got {ydata!r:.60}") from e
     dtype = _validate.float_dtype(y_host.dtype, *(() if p0 is None else (p0,)))
-    y = _as_data_array("ydata", y_host, dtype, check_finite)
+    on_device: list[tuple[str, Any]] = []
+    y = _as_data_array("ydata", y_host, dtype, check_finite, on_device)
     if np.ndim(y) != 1:
         raise ValueError(f"`ydata` must be 1-D, got shape {np.shape(y)}")
     m = int(np.shape(y)[0])
     if m == 0:
         raise ValueError("`ydata` must not be empty")
-    x = _check_xdata(xdata, m, dtype, check_finite)
+    x = _check_xdata(xdata, m, dtype, check_finite, on_device)
+    _check_finite_on_device(on_device)
     lb, ub = _validate.prepare_bounds(bounds, n, dtype)
     has_bounds = _validate.has_bounds(bounds, lb, ub)
     if p0 is None:

@@ -86,6 +86,20 @@ def test_inf_in_one_of_two_predictors():
         curve_fit(lambda xx, a, b, c: a * xx[0] + b * xx[1] + c, (X, x2), Y, p0=P0)
 
 
+def test_nan_and_inf_in_jax_arrays_name_the_argument():
+    """JAX arrays are checked on the device, all in one computation; the message still names
+    the argument that holds the NaN or inf."""
+    # Not ``rejected``: checking a JAX array is itself a compiled computation.
+    y = jnp.asarray(Y).at[3].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"`ydata` must not contain NaN or inf"):
+        curve_fit(model, jnp.asarray(X), y, p0=P0)
+    x2 = jnp.asarray(X).at[0].set(-jnp.inf)
+    with pytest.raises(ValueError, match=r"`xdata\[1\]` must not contain NaN or inf"):
+        curve_fit(lambda xx, a, b, c: a * xx[0] + b * xx[1] + c, (X, x2), jnp.asarray(Y), p0=P0)
+    popt, _ = curve_fit(model, jnp.asarray(X), jnp.asarray(Y), p0=P0)  # finite: fits
+    assert np.all(np.isfinite(popt))
+
+
 @pytest.mark.parametrize("p0", [[1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], ids=["short", "long"])
 def test_p0_wrong_length(p0):
     with rejected((TypeError, ValueError), r"p0|parameters"):
