@@ -144,10 +144,12 @@ def _as_data_array(
     if check_finite:
         ok = _validate.all_finite(host) if host is not None else bool(jnp.all(jnp.isfinite(arr)))
         if not ok:
-            raise ValueError(
-                f"`{name}` must not contain NaN or inf (pass check_finite=False to skip)"
-            )
+            raise _not_finite(name)
     return arr
+
+
+def _not_finite(name: str) -> ValueError:
+    return ValueError(f"`{name}` must not contain NaN or inf (pass check_finite=False to skip)")
 
 
 @jax.jit
@@ -162,9 +164,7 @@ def _check_finite_on_device(arrays: list[tuple[str, Any]]) -> None:
     flags = _engine.fetch(_finite_flags(*[a for _, a in arrays]))
     for (name, _), ok in zip(arrays, flags, strict=True):
         if not ok:
-            raise ValueError(
-                f"`{name}` must not contain NaN or inf (pass check_finite=False to skip)"
-            )
+            raise _not_finite(name)
 
 
 def _check_xdata(
