@@ -67,22 +67,35 @@ class Batch:
 
 
 def rows_to_iterations(fit_id: str, rows: Any, t: float) -> list[Event]:
+    """Decode record rows ``[iteration, nfev, cost, reduction, step_norm, optimality, *params]``.
+
+    The host's per-event cost matters here (a short fit's whole watch budget is a fraction of a
+    millisecond): the head columns become Python numbers in one ``tolist`` and every event's
+    ``params`` is a row of one float64 copy of the parameter columns.
+    """
+    rows = np.asarray(rows)
+    if rows.shape[0] == 0:
+        return []
+    heads = rows[:, :6].tolist()
+    params = np.array(rows[:, 6:], dtype=np.float64)
+    new = object.__new__
     out: list[Event] = []
-    for row in rows:
-        it = int(row[0])
-        out.append(
-            Iteration(
-                fit_id=fit_id,
-                iteration=it,
-                nfev=int(row[1]),
-                cost=float(row[2]),
-                cost_reduction=None if it == 0 else float(row[3]),
-                step_norm=None if it == 0 else float(row[4]),
-                optimality=float(row[5]),
-                params=np.array(row[6:], dtype=np.float64),
-                time=t,
-            )
+    for (it, nfev, cost, red, step, opt), p in zip(heads, params, strict=True):
+        ev = new(Iteration)
+        # The frozen dataclass's own __init__ sets each field through object.__setattr__: the
+        # same fields, set at once (checked against the dataclass in tests/test_hub.py).
+        ev.__dict__.update(
+            fit_id=fit_id,
+            iteration=int(it),
+            nfev=int(nfev),
+            cost=cost,
+            cost_reduction=None if it == 0 else red,
+            step_norm=None if it == 0 else step,
+            optimality=opt,
+            params=p,
+            time=t,
         )
+        out.append(ev)
     return out
 
 

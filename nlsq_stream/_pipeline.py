@@ -29,6 +29,11 @@ from ._hub import HUB, Batch
 from ._result import OptimizeResult
 from .events import Event, FitFailed, FitFinished, FitStarted
 
+try:  # signal's C module: the same handlers, without signal's enum conversion (an exception each)
+    import _signal as _raw_signal
+except ImportError:  # pragma: no cover - not CPython
+    _raw_signal = signal
+
 
 class SinkError(RuntimeWarning):
     """A sink raised; it was detached and the fit and the other sinks went on."""
@@ -146,7 +151,7 @@ def _ctrl_c_stops(channel: Channel) -> Iterator[None]:
     """
     if (
         threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        or _raw_signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
         yield
         return
@@ -156,11 +161,11 @@ def _ctrl_c_stops(channel: Channel) -> Iterator[None]:
             raise KeyboardInterrupt
         channel.on_keyboard_interrupt(KeyboardInterrupt())
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = _raw_signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _raw_signal.signal(signal.SIGINT, previous)
 
 
 class HubChannel(Channel):

@@ -66,6 +66,19 @@ class _SinkAdapter:
                 await out
 
 
+def _take(sub: Subscription, most: int) -> tuple[list[Event], bool]:
+    """Up to ``most`` events that ``sub`` has ready, without waiting; and whether it ended."""
+    out: list[Event] = []
+    while len(out) < most:
+        try:
+            out.append(sub.receive_nowait())
+        except anyio.WouldBlock:
+            return out, False
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return out, True
+    return out, False
+
+
 class _SinkLoop:
     """The background asyncio loop where sinks run, shared by all fits and started on demand.
 
@@ -203,13 +216,21 @@ class SinkRunner:
     async def _drive(self, adapter: _SinkAdapter, sub: Subscription) -> None:
         self._started_subs.append(sub)
         try:
-            async for first in sub:
-                batch = [first]
-                while len(batch) < MAX_SINK_BATCH:
-                    try:
-                        batch.append(sub.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            ended = False
+            while not ended:
+                # What is already in the stream is taken without a trip through the event loop
+                # (``receive`` first yields to it): the events a fit publishes at once reach the
+                # sink in one step of this task, and the end of the stream is seen at once.
+                batch, ended = _take(sub, MAX_SINK_BATCH)
+                if not batch:
+                    if ended:
                         break
+                    try:
+                        batch = [await sub.receive()]
+                    except (anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
+                    more, ended = _take(sub, MAX_SINK_BATCH - 1)
+                    batch += more
                 try:
                     await adapter.send_batch(batch)
                 except Exception as e:
@@ -218,6 +239,8 @@ class SinkRunner:
                         f"({''.join(traceback.format_exception_only(e)).strip()})"
                     )
                     break
+                if len(batch) == MAX_SINK_BATCH:  # a backlog: let the other sinks have a turn
+                    await anyio.lowlevel.checkpoint()
         finally:
             HUB.unsubscribe(sub)
             sub.close()

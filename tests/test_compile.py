@@ -188,3 +188,24 @@ def test_heap_limit_only_where_every_buffer_fits():
     assert limit(wide, 1_000_000) == 0
     assert limit(model, 10_000) == 0  # small: one heap is small anyway
     assert limit(model, 4_000_000) == 0  # [J f] alone is over the limit
+
+
+def test_program_cache_keeps_at_most_cache_size_problems(monkeypatch):
+    # Programs are kept per (problem, config) in a bounded cache: the oldest goes first, and a
+    # problem still in the cache compiles nothing when it comes back.
+    from nlsq_stream import _engine
+
+    monkeypatch.setattr(_engine._Program, "CACHE_SIZE", 2)
+    monkeypatch.setattr(_engine.solve, "_bound", {})
+    models = [lambda x, a, b, c, k=k: a * jnp.exp(-b * x) + c + 0.0 * k for k in range(3)]
+    x, y, p0 = data(5, m=35)
+    fits = [curve_fit(f, x, y, p0=p0)[0] for f in models]
+    assert len(_engine.solve._bound) == 2
+    assert [key[0].model for key in _engine.solve._bound] == models[1:]
+    with count_compiles() as compiles:
+        again = curve_fit(models[2], x, y, p0=p0)[0]
+    assert compiles == []
+    np.testing.assert_allclose(again, fits[2], rtol=1e-12)
+    with count_compiles() as compiles:
+        curve_fit(models[0], x, y, p0=p0)  # it was dropped: compiled anew
+    assert compiles

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 
@@ -20,7 +21,7 @@ from conftest import (
 )
 
 import nlsq_stream as ns
-from nlsq_stream._hub import HUB, Batch, Hub, Subscription, _scheduler
+from nlsq_stream._hub import HUB, Batch, Hub, Subscription, _scheduler, rows_to_iterations
 from nlsq_stream.events import FitFinished, FitStarted, Iteration
 
 pytestmark = pytest.mark.usefixtures("no_leftover_threads")
@@ -395,3 +396,27 @@ async def test_subscribe_sees_sync_face_fits(anyio_backend):
 
 async def _null_sink(event):
     pass
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_decoded_rows_are_the_events_the_constructor_builds(dtype):
+    # rows_to_iterations fills the frozen dataclass's fields directly (for speed): the result
+    # must be indistinguishable from Iteration(...), JSON included.
+    rows = np.array(
+        [[0, 1, 2.5, 9.0, 9.0, 0.25, 1.0, -2.0], [1, 3, 1.5, 1.0, 0.125, 0.5, 1.5, -2.5]], dtype
+    )
+    got = rows_to_iterations("fit-x", rows, 12.5)
+    want = [
+        Iteration("fit-x", 0, 1, 2.5, None, None, 0.25, np.array([1.0, -2.0]), 12.5),
+        Iteration("fit-x", 1, 3, 1.5, 1.0, 0.125, 0.5, np.array([1.5, -2.5]), 12.5),
+    ]
+    assert got == want
+    names = [f.name for f in dataclasses.fields(Iteration)]
+    for g, w in zip(got, want, strict=True):
+        assert list(vars(g)) == names
+        assert {k: type(v) for k, v in vars(g).items()} == {k: type(v) for k, v in vars(w).items()}
+        assert g.params.dtype == np.float64
+        assert Iteration.from_json(g.to_json()) == w
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            g.cost = 0.0  # type: ignore[misc]
+    assert rows_to_iterations("fit-x", rows[:0], 0.0) == []
