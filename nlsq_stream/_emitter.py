@@ -110,7 +110,7 @@ class Channel:
 
     def __init__(
         self,
-        sink: Callable[[np.ndarray, float], None],
+        sink: Callable[[np.ndarray, float], None] | None = None,
         target_interval: float = TARGET_INTERVAL,
     ) -> None:
         self.stop_requested = threading.Event()
@@ -152,7 +152,13 @@ class Channel:
         """Deliver the rows held back as the last ones."""
         held, self._held = self._held, None
         if held is not None:
-            self._sink(*held)
+            self.send(*held)
+
+    def send(self, rows: np.ndarray, received_at: float) -> None:
+        """Hand one batch of rows on: to ``sink``, or what a subclass does instead (a method, not
+        a bound method stored on the object: no reference cycle to leave for the GC)."""
+        if self._sink is not None:
+            self._sink(rows, received_at)
 
     def announce(self) -> None:
         """Make the fit's start known now (see ``_pipeline.HubChannel``); a no-op here."""
@@ -206,7 +212,7 @@ class Channel:
             if last:
                 self._held = (rows, time.time())
             else:
-                self._sink(rows, time.time())
+                self.send(rows, time.time())
 
 
 _PER_TRIAL: collections.OrderedDict[Any, float] = collections.OrderedDict()  # s per trial

@@ -177,7 +177,7 @@ class HubChannel(Channel):
     """
 
     def __init__(self, fit_id: str, started: FitStarted | None = None) -> None:
-        super().__init__(self._publish)
+        super().__init__()
         self.fit_id = fit_id
         self._started = started
 
@@ -185,7 +185,7 @@ class HubChannel(Channel):
         started, self._started = self._started, None
         return [] if started is None else [started]
 
-    def _publish(self, rows: np.ndarray, t: float) -> None:
+    def send(self, rows: np.ndarray, t: float) -> None:
         HUB.publish(Batch(self.fit_id, self._head(), rows=rows, time=t))
 
     def announce(self) -> None:

@@ -46,6 +46,7 @@ class _SinkAdapter:
         self.sink = sink
         self.policy: Policy = getattr(sink, "policy", "lossless")
         self.name = getattr(sink, "__name__", None) or type(sink).__name__
+        self.started = False  # its task took its first step
 
     async def send_batch(self, events: list[Event]) -> None:
         sink = self.sink
@@ -153,7 +154,6 @@ class SinkRunner:
         self._all_done = threading.Event()
         self.errors: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._started_subs: list[Subscription] = []
         self._pending: list[tuple[_SinkAdapter, Subscription]] = []
         self._start_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,19 +202,22 @@ class SinkRunner:
             self._drive(adapter, sub), context=contextvars.Context()
         )
 
-        def never_ran(task: asyncio.Task[None]) -> None:
-            # Cancelled before its first step, the coroutine's ``finally`` never ran.
-            if sub in self._started_subs:
+        def done(task: asyncio.Task[None]) -> None:
+            # Forget the task (nothing then ties this runner, its tasks and their coroutines in
+            # a cycle that only the GC would free). Cancelled before its first step, the
+            # coroutine's ``finally`` never ran: do its work here.
+            self._tasks.remove(task)
+            if adapter.started:
                 return
             HUB.unsubscribe(sub)
             sub.close()
             self._finish_one()
 
-        task.add_done_callback(never_ran)
+        task.add_done_callback(done)
         self._tasks.append(task)
 
     async def _drive(self, adapter: _SinkAdapter, sub: Subscription) -> None:
-        self._started_subs.append(sub)
+        adapter.started = True
         try:
             ended = False
             while not ended:
@@ -262,7 +265,7 @@ class SinkRunner:
         return self._all_done.wait(timeout)
 
     def _cancel_all(self) -> None:
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
 
     def __exit__(self, *exc: object) -> None:

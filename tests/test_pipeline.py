@@ -46,3 +46,33 @@ def test_least_squares_verbose_prints_the_same_table(capsys, no_leftover_threads
     res = least_squares(lambda p: model(X, *p) - Y, [1.0, 1.0, 0.0], verbose=2)
     _check_table(capsys.readouterr().out, res.nit)
     assert res.sink_errors == []
+
+
+def test_a_watched_fit_leaves_nothing_for_the_garbage_collector(no_leftover_threads):
+    """Every object of a watched fit is freed by reference counting. Objects left in reference
+    cycles would make frequent watched fits run Python's cyclic GC (measured before this was
+    fixed: a gen-0 collection every ~20 fits at ~0.1 ms, and a 39 ms full one per ~3000)."""
+    import gc
+    import io
+
+    from nlsq_stream.sinks import ConsoleSink
+
+    def fit():
+        curve_fit(model, X, Y, p0=[1.0, 1.0, 0.0], verbose=2, sinks=[ConsoleSink(io.StringIO())])
+
+    fit()  # compile and warm up
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            fit()
+        gc.collect()
+        ours = [
+            type(o).__qualname__
+            for o in gc.garbage
+            if type(o).__module__.startswith(("nlsq_stream", "anyio", "asyncio", "_asyncio"))
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []
