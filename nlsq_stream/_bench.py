@@ -164,7 +164,15 @@ def _say(opts: BenchOptions, line: str = "") -> None:
 
 
 def _solver_size(n: int, reps: Callable[[int], int], scipy_fit: Any) -> dict[str, Any]:
-    """First-call and warm medians at one size: ours lm and trf, then scipy's lm and trf."""
+    """First-call and warm medians at one size: ours lm and trf, then scipy's lm and trf.
+
+    Each method is timed interleaved with its counterpart (ours lm with scipy's lm, ours trf with
+    scipy's trf), not all four in one rotation. What runs just before a call changes its time: a
+    1e3 fit of ours right after ~1 ms of other work (scipy's trf at 1e3) takes ~15 % longer
+    than back to back, as XLA's worker thread has gone to sleep (measured: 231 us back to back,
+    266 us after 1 ms of work, 357 us after a 1 ms sleep). At 1e3 the four-way rotation is run
+    as well and printed beside it (``rotation4``).
+    """
     from . import curve_fit
 
     x, y = exp_data(n)
@@ -172,24 +180,26 @@ def _solver_size(n: int, reps: Callable[[int], int], scipy_fit: Any) -> dict[str
     with count_compiles() as compiles:
         first = _timed(lambda: curve_fit(model, x, y, p0=P0))
     first_trf = _timed(lambda: curve_fit(model, x, y, p0=P0, method="trf"))
-    fns: list[Callable[[], Any]] = [
-        lambda: curve_fit(model, x, y, p0=P0),
-        lambda: curve_fit(model, x, y, p0=P0, method="trf"),
-    ]
+    ours_lm: Callable[[], Any] = lambda: curve_fit(model, x, y, p0=P0)
+    ours_trf: Callable[[], Any] = lambda: curve_fit(model, x, y, p0=P0, method="trf")
+    lm_pair, trf_pair = [ours_lm], [ours_trf]
     if scipy_fit is not None:
-        fns += [
-            lambda: scipy_fit(exp_model_np, x, y, p0=P0, method="lm"),
-            lambda: scipy_fit(exp_model_np, x, y, p0=P0, method="trf"),
-        ]
-    for fn in fns:  # warm-up
+        lm_pair.append(lambda: scipy_fit(exp_model_np, x, y, p0=P0, method="lm"))
+        trf_pair.append(lambda: scipy_fit(exp_model_np, x, y, p0=P0, method="trf"))
+    for fn in lm_pair + trf_pair:  # warm-up
         fn()
     r = reps(n)
-    med = [statistics.median(t) for t in interleaved(fns, r, settle=0.25)]
+    lm = [statistics.median(t) for t in interleaved(lm_pair, r, settle=0.25)]
+    trf = [statistics.median(t) for t in interleaved(trf_pair, r, settle=0.25)]
     row: dict[str, Any] = dict(
-        first=first, first_trf=first_trf, compiles=len(compiles), lm=med[0], trf=med[1], reps=r
+        first=first, first_trf=first_trf, compiles=len(compiles), lm=lm[0], trf=trf[0], reps=r
     )
     if scipy_fit is not None:
-        row.update(scipy_lm=med[2], scipy_trf=med[3])
+        row.update(scipy_lm=lm[1], scipy_trf=trf[1])
+        if n == 1_000:
+            four = [lm_pair[0], trf_pair[0], lm_pair[1], trf_pair[1]]
+            med = [statistics.median(t) for t in interleaved(four, r, settle=0.25)]
+            row["rotation4"] = med
     return row
 
 
@@ -206,7 +216,8 @@ def bench_solver(opts: BenchOptions) -> None:
             "   scipy is not installed (it is a test extra: pip install 'nlsq_stream[test]'); "
             "the scipy columns and ratios are skipped",
         )
-    _say(opts, "   ms; 'first' = first call for that shape (compile included); others warm medians")
+    _say(opts, "   ms; 'first' = first call for that shape (compile included); the others are")
+    _say(opts, "   warm medians, each of ours interleaved with scipy's same method")
     head = f"   {'n':>8} {'first lm':>9} {'first trf':>9} {'ours lm':>9} {'ours trf':>9}"
     if scipy_fit is not None:
         head += f" {'scipy lm':>9} {'scipy trf':>9}"
@@ -228,6 +239,15 @@ def bench_solver(opts: BenchOptions) -> None:
             line += "  (warning: the first call compiled nothing)"
         _say(opts, line)
     if scipy_fit is not None:
+        for n, row in summary.items():
+            if "rotation4" in row:
+                med = row["rotation4"]
+                _say(
+                    opts,
+                    f"   rotation4 (all four interleaved) at n={_size(n)}: "
+                    + " ".join(_ms(t) for t in med)
+                    + f"; ours lm / scipy lm {med[0] / med[2]:.2f}",
+                )
         for n, row in summary.items():
             fastest = min(row["scipy_lm"], row["scipy_trf"])
             _say(

@@ -347,7 +347,7 @@ def prepare_curve_fit(
             )
         n = len(names)
     else:
-        n = np.atleast_1d(np.asarray(p0)).size
+        n = len(p0) if type(p0) in (list, tuple) else np.atleast_1d(np.asarray(p0)).size
         counts = _positional_counts(f)
         if counts is not None and not counts[0] <= n <= counts[1]:
             lo, hi = counts

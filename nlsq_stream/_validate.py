@@ -6,6 +6,7 @@ names the argument and says what was expected.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -70,7 +71,7 @@ def check_positive_scalar(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
     v = float(value)
-    if not np.isfinite(v) or v <= 0:
+    if not math.isfinite(v) or v <= 0:
         raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
     return v
 
@@ -83,7 +84,7 @@ def check_tolerances(
     Below epsilon a test can never pass (scipy warns and disables it). Raising it to epsilon keeps
     float32 fits with scipy's default 1e-8 from running to ``max_nfev``.
     """
-    eps = float(np.finfo(dtype).eps)
+    eps = _eps(dtype)
     out = []
     for name, value in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
         if value is None:
@@ -100,6 +101,11 @@ def check_tolerances(
         raise ValueError("At least one of `ftol`, `xtol`, `gtol` must be positive")
     a, b, c = (max(v, eps) if v > 0 else v for v in out)
     return a, b, c
+
+
+@functools.cache
+def _eps(dtype: np.dtype[Any]) -> float:
+    return float(np.finfo(dtype).eps)
 
 
 def check_max_nfev(max_nfev: Any, default: int) -> int:
@@ -129,7 +135,9 @@ def check_x0(name: str, x0: Any, dtype: np.dtype[Any] | None = None) -> np.ndarr
         raise ValueError(f"`{name}` must not be empty")
     if x.dtype.kind not in "biuf":
         raise TypeError(f"`{name}` must hold real numbers, got dtype {x.dtype}")
-    if not all_finite(x):
+    # A few parameters are checked faster as Python floats than by numpy reductions.
+    finite = all(map(math.isfinite, x.tolist())) if x.size <= 32 else all_finite(x)
+    if not finite:
         raise ValueError(f"`{name}` must be finite, got {x}")
     return x
 
@@ -142,7 +150,7 @@ def prepare_bounds(bounds: Any, n: int, dtype: np.dtype[Any]) -> tuple[np.ndarra
         and _is_neg_inf(bounds[0])
         and _is_pos_inf(bounds[1])
     ):
-        return np.full(n, -np.inf, dtype), np.full(n, np.inf, dtype)  # the default: no bounds
+        return _no_bounds(n, np.dtype(dtype))  # the default
     if hasattr(bounds, "lb") and hasattr(bounds, "ub"):
         lb_in, ub_in = bounds.lb, bounds.ub
     else:
@@ -179,6 +187,14 @@ def prepare_bounds(bounds: Any, n: int, dtype: np.dtype[Any]) -> tuple[np.ndarra
     return lb, ub
 
 
+@functools.lru_cache(maxsize=64)
+def _no_bounds(n: int, dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(-inf, ..., +inf, ...)`` bounds for ``n`` parameters: shared, so read-only."""
+    lb, ub = np.full(n, -np.inf, dtype), np.full(n, np.inf, dtype)
+    lb.flags.writeable = ub.flags.writeable = False
+    return lb, ub
+
+
 def has_bounds(bounds: Any, lb: np.ndarray, ub: np.ndarray) -> bool:
     """Does any parameter have a finite bound? (``bounds`` as passed, ``lb``/``ub`` prepared.)"""
     if type(bounds) is tuple and len(bounds) == 2 and _is_neg_inf(bounds[0]):
@@ -196,8 +212,16 @@ def _is_pos_inf(v: Any) -> bool:
 
 
 def all_finite(a: np.ndarray) -> bool:
-    """True when no element is NaN or inf (two reductions; no boolean temporary)."""
+    """True when no element is NaN or inf, without a boolean temporary.
+
+    A NaN or an inf makes the sum NaN or inf, so a finite sum (one reduction) answers at once;
+    only a non-finite one (or a sum of finite values that overflowed) needs min and max.
+    """
     if a.size == 0 or a.dtype.kind != "f":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf, or an overflow
+        total = np.add.reduce(a, axis=None)
+    if math.isfinite(total):
         return True
     return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 

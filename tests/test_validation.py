@@ -234,3 +234,44 @@ def test_ls_lm_fewer_residuals_than_parameters():
 def test_ls_lower_bound_not_below_upper():
     with rejected(ValueError, r"`bounds`.*lower bound must be strictly less.*parameter 1"):
         least_squares(residual, P0, bounds=([0, 1, -1], [5, 1, 1]))
+
+
+@pytest.mark.parametrize(
+    "values, dtype, finite",
+    [
+        ([1.0, 2.0], np.float64, True),
+        ([1e308, 1e308], np.float64, True),  # the sum overflows: min and max decide
+        ([6e4, 6e4], np.float16, True),
+        ([1.0, np.nan], np.float64, False),
+        ([np.inf, 1.0], np.float32, False),
+        ([-np.inf, np.inf], np.float64, False),  # the sum is NaN
+        ([1, 2], np.int64, True),
+    ],
+)
+def test_all_finite_answers_exactly_and_silently(values, dtype, finite):
+    import warnings
+
+    from nlsq_stream._validate import all_finite
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid-value RuntimeWarning leaks out
+        assert all_finite(np.array(values, dtype)) is finite
+        assert all_finite(np.tile(np.array(values, dtype), (3, 40))) is finite
+
+
+@pytest.mark.parametrize("n", [3, 40])  # a few parameters are checked in Python, many by numpy
+def test_p0_not_finite_any_size(n):
+    p0 = np.ones(n)
+    p0[-1] = np.nan
+    with rejected(ValueError, r"`x0` must be finite"):
+        least_squares(lambda p: p - 1.0, p0)
+
+
+def test_default_bounds_are_shared_read_only_arrays():
+    from nlsq_stream._validate import prepare_bounds
+
+    lb, ub = prepare_bounds((-np.inf, np.inf), 3, np.dtype(np.float64))
+    assert prepare_bounds((-np.inf, np.inf), 3, np.dtype(np.float64))[0] is lb
+    assert lb.tolist() == [-np.inf] * 3 and ub.tolist() == [np.inf] * 3
+    with pytest.raises(ValueError, match="read-only"):
+        lb[0] = 0.0
