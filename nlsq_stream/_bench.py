@@ -169,9 +169,10 @@ def _solver_size(n: int, reps: Callable[[int], int], scipy_fit: Any) -> dict[str
     Each method is timed interleaved with its counterpart (ours lm with scipy's lm, ours trf with
     scipy's trf), not all four in one rotation. What runs just before a call changes its time: a
     1e3 fit of ours right after ~1 ms of other work (scipy's trf at 1e3) takes ~15 % longer
-    than back to back, as XLA's worker thread has gone to sleep (measured: 231 us back to back,
-    266 us after 1 ms of work, 357 us after a 1 ms sleep). At 1e3 the four-way rotation is run
-    as well and printed beside it (``rotation4``).
+    than back to back, most likely because XLA's worker thread, which runs the program, has
+    parked (``_gap_sensitivity`` measures it: 0.22-0.24 ms back to back, 0.26-0.27 ms after 1 ms
+    of busy Python, 0.34-0.36 ms after a 1 ms sleep). At 1e3 the four-way rotation is run as
+    well and printed beside it (``rotation4``).
     """
     from . import curve_fit
 
@@ -201,6 +202,35 @@ def _solver_size(n: int, reps: Callable[[int], int], scipy_fit: Any) -> dict[str
             med = [statistics.median(t) for t in interleaved(four, r, settle=0.25)]
             row["rotation4"] = med
     return row
+
+
+def _gap_sensitivity(rounds: int) -> list[tuple[str, float]]:
+    """Warm 1e3 fits (ours lm) in a loop with nothing, 1 ms of busy Python, or a 1 ms sleep
+    between them: the median of each loop; only the fits are timed. Loops, not interleaving: a
+    sleep slows the next few fits, not only the next one."""
+    from . import curve_fit
+
+    x, y = exp_data(1_000)
+    model = exp_model()
+
+    def busy(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    before: list[tuple[str, Callable[[], Any]]] = [
+        ("", lambda: None),
+        ("after 1 ms busy", lambda: busy(1e-3)),
+        ("after a 1 ms sleep", lambda: time.sleep(1e-3)),
+    ]
+    for _ in range(20):
+        curve_fit(model, x, y, p0=P0)
+    times: list[list[float]] = [[] for _ in before]
+    for i, (_, pause) in enumerate(before):
+        for _ in range(rounds):
+            pause()
+            times[i].append(_timed(lambda: curve_fit(model, x, y, p0=P0)))
+    return [(label, statistics.median(t)) for (label, _), t in zip(before, times, strict=True)]
 
 
 def bench_solver(opts: BenchOptions) -> None:
@@ -275,6 +305,13 @@ def bench_solver(opts: BenchOptions) -> None:
         _say(
             opts,
             f"   n=1e3: first call <= 0.6 s: {row['first']:.2f} s  {_verdict(row['first'] <= 0.6)}",
+        )
+    if 1_000 in summary:
+        gaps = _gap_sensitivity(opts.reps(201, 41))
+        _say(
+            opts,
+            "   n=1e3, ours lm in a loop with other work between fits (XLA's worker parks):\n"
+            "   back to back" + ", ".join(f"{label} {_ms(t)}" for label, t in gaps) + " ms",
         )
     if not ({1_000, 1_000_000} & summary.keys()):
         _say(opts, "   (the targets are at n=1e3 and n=1e6; neither was run)")
