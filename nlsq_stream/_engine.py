@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
@@ -169,6 +170,7 @@ class _Program:
         self._fn = fn
         self._jits: dict[int, Any] = {}
         self._bound: dict[tuple[Any, Config], Any] = {}
+        self._lock = threading.Lock()  # fits may start in several threads at once
         functools.update_wrapper(self, fn)
 
     @staticmethod
@@ -191,11 +193,14 @@ class _Program:
         key = (problem, config)
         jitted = self._bound.get(key)
         if jitted is None:
-            if len(self._bound) >= self.CACHE_SIZE:
-                del self._bound[next(iter(self._bound))]
-            bound = functools.partial(self._fn, problem, config)
-            jitted = jax.jit(bound, **self._options(config.heap))
-            self._bound[key] = jitted
+            with self._lock:
+                jitted = self._bound.get(key)
+                if jitted is None:
+                    if len(self._bound) >= self.CACHE_SIZE:
+                        del self._bound[next(iter(self._bound))]
+                    bound = functools.partial(self._fn, problem, config)
+                    jitted = jax.jit(bound, **self._options(config.heap))
+                    self._bound[key] = jitted
         return jitted(*args)
 
     def __getattr__(self, name: str) -> Any:  # trace, lower, ...
