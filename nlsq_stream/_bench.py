@@ -310,7 +310,7 @@ def bench_solver(opts: BenchOptions) -> None:
         gaps = _gap_sensitivity(opts.reps(201, 41))
         _say(
             opts,
-            "   n=1e3, ours lm in a loop with other work between fits (XLA's worker parks):\n"
+            "   n=1e3, ours lm with other work between fits (likely XLA's worker parking):\n"
             "   back to back" + ", ".join(f"{label} {_ms(t)}" for label, t in gaps) + " ms",
         )
     if not ({1_000, 1_000_000} & summary.keys()):
