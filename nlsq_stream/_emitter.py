@@ -163,6 +163,10 @@ class Channel:
     def announce(self) -> None:
         """Make the fit's start known now (see ``_pipeline.HubChannel``); a no-op here."""
 
+    def dispatched(self) -> None:
+        """The fit's first program is on its way: host work that need not precede it (the
+        watchers' setup, see ``_pipeline.HubChannel``) can overlap it now. A no-op here."""
+
     def _k_for(self, per_trial: float) -> int:
         k = int(min(max(self._target / max(per_trial, 1e-7), 1), K_TRIALS_MAX))
         if self._expected is not None:
@@ -248,6 +252,7 @@ def run_chunks(
     # yet finished (so that the device never waits for the host) left a fit waiting forever on
     # an XLA future (stopped fits, about 1 in 17 in one run here; jax 0.10.2, CPU): not done.
     flat, packed = _engine.first_chunk(problem, config, vectors, scalars, data, np.int32(k or 1))
+    channel.dispatched()
     v: dict[str, Any] | None = None
     current = np.zeros(0)
     try:

@@ -174,16 +174,36 @@ class HubChannel(Channel):
     ``started`` (the FitStarted event, when this channel publishes it) goes out with the first
     rows, or at once for a problem that may compile first; the last rows go out with the
     terminal event (``finish``). A short fit thus reaches its watchers in one hand-off.
+
+    ``setup``, when given, subscribes the watchers and returns the FitStarted event. It runs
+    once, before anything is published, and as late as that allows: when the fit's first program
+    has been dispatched (``dispatched``), so that it overlaps the device's work, or earlier if
+    the start is announced first (a problem that compiles).
     """
 
-    def __init__(self, fit_id: str, started: FitStarted | None = None) -> None:
+    def __init__(
+        self,
+        fit_id: str,
+        started: FitStarted | None = None,
+        setup: Callable[[], FitStarted] | None = None,
+    ) -> None:
         super().__init__()
         self.fit_id = fit_id
         self._started = started
+        self._setup = setup
+
+    def _ready(self) -> None:
+        setup, self._setup = self._setup, None
+        if setup is not None:
+            self._started = setup()
 
     def _head(self) -> list[Event]:
+        self._ready()
         started, self._started = self._started, None
         return [] if started is None else [started]
+
+    def dispatched(self) -> None:
+        self._ready()
 
     def send(self, rows: np.ndarray, t: float) -> None:
         HUB.publish(Batch(self.fit_id, self._head(), rows=rows, time=t))
@@ -203,9 +223,13 @@ class HubChannel(Channel):
 _LIVE: weakref.WeakValueDictionary[str, HubChannel] = weakref.WeakValueDictionary()
 
 
-def hub_channel(fit_id: str, started: FitStarted | None = None) -> HubChannel:
+def hub_channel(
+    fit_id: str,
+    started: FitStarted | None = None,
+    setup: Callable[[], FitStarted] | None = None,
+) -> HubChannel:
     """The channel of a watched fit (see :class:`HubChannel`), known to ``stop_fit``."""
-    channel = HubChannel(fit_id, started)
+    channel = HubChannel(fit_id, started, setup)
     _LIVE[fit_id] = channel
     return channel
 
@@ -273,33 +297,49 @@ def _kind(sink: Any) -> type:
 
 
 def run_sync(prep: PreparedFit) -> OptimizeResult:
-    """The sync face: silent when not watched, else the same pipeline ``fit_stream`` uses."""
-    sinks = with_display(prep.sinks, prep.verbose)
-    if not sinks:
+    """The sync face: silent when not watched, else the same pipeline ``fit_stream`` uses.
+
+    The watchers (display, sinks, their subscriptions) are set up by the channel once the fit's
+    first program is dispatched: that host work then overlaps the device's instead of delaying
+    its start.
+    """
+    if not prep.sinks and not prep.verbose:
         return execute(prep)
     from ._stream import SinkRunner
 
     level = prep.verbose or 2
     fit_id = new_fit_id()
-    channel = hub_channel(fit_id, prep.started_event(fit_id))
-    runner = SinkRunner(sinks, fit_id)
+    runners: list[SinkRunner] = []
+
+    def setup() -> FitStarted:
+        runner = SinkRunner(with_display(prep.sinks, prep.verbose), fit_id)
+        runner.__enter__()
+        runners.append(runner)
+        return prep.started_event(fit_id)
+
+    channel = hub_channel(fit_id, setup=setup)
     res: OptimizeResult | None = None
     error: BaseException | None = None
-    with runner:
+    try:
         try:
             res = execute(prep, level, channel)
         except BaseException as e:
             error = e
-        publish_terminal(fit_id, res, error)
-        runner.wait()
-    for failure in runner.errors:
+        publish_terminal(fit_id, res, error)  # sets the watchers up if nothing did yet
+        for runner in runners:
+            runner.wait()
+    finally:
+        for runner in runners:
+            runner.__exit__(None, None, None)
+    errors = [failure for runner in runners for failure in runner.errors]
+    for failure in errors:
         warnings.warn(failure, SinkError, stacklevel=3)
     if error is not None:
-        raise error
+        raise error  # the fit's, or the watchers' setup's
     if channel.keyboard_interrupt is not None:  # the fit stopped and the sinks have drained
         raise channel.keyboard_interrupt
     assert res is not None
-    res["sink_errors"] = list(runner.errors)
+    res["sink_errors"] = errors
     return res
 
 

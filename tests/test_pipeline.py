@@ -76,3 +76,57 @@ def test_a_watched_fit_leaves_nothing_for_the_garbage_collector(no_leftover_thre
         gc.set_debug(0)
         gc.garbage.clear()
     assert ours == []
+
+
+def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, no_leftover_threads):
+    """For a problem seen before, the sinks' setup waits until the fit's first program has been
+    dispatched (it then overlaps the device's work); a new problem announces its start, and so
+    sets the watchers up, before it compiles."""
+    import io
+
+    from nlsq_stream import _emitter, _engine, _stream
+    from nlsq_stream.sinks import ConsoleSink
+
+    order: list[str] = []
+    first_chunk, enter = _engine.first_chunk, _stream.SinkRunner.__enter__
+
+    def dispatch(*args, **kwargs):
+        order.append("dispatch")
+        return first_chunk(*args, **kwargs)
+
+    def entered(self):
+        order.append("watchers")
+        return enter(self)
+
+    monkeypatch.setattr(_engine, "first_chunk", dispatch)
+    monkeypatch.setattr(_stream.SinkRunner, "__enter__", entered)
+
+    def fit(x):
+        out = io.StringIO()
+        curve_fit(model, x, 2.0 * np.exp(-x) + 0.5, p0=[1.0, 1.0, 0.0], sinks=[ConsoleSink(out)])
+        return out.getvalue()
+
+    x = np.linspace(0, 5, 321)  # a size no other test uses: the first fit is a new problem
+    monkeypatch.setattr(_emitter, "_PER_TRIAL", type(_emitter._PER_TRIAL)())
+    first = fit(x)
+    assert order[:2] == ["watchers", "dispatch"]  # new: the start is shown before compiling
+    fit(x)  # this fit is short (two trials, one per chunk): its per-trial time is known now
+    order.clear()
+    again = fit(x)
+    assert order == ["dispatch", "watchers"]  # one chunk, dispatched before the setup
+    for out in (first, again):
+        _check_table(out, len(out.strip().splitlines()) - 4)
+
+
+def test_a_failing_watcher_setup_is_raised_and_leaves_nothing_behind(
+    monkeypatch, no_leftover_threads
+):
+    from nlsq_stream import _stream
+    from nlsq_stream.sinks import ConsoleSink
+
+    def broken(self):
+        raise OSError("no loop for the sinks")
+
+    monkeypatch.setattr(_stream.SinkRunner, "__enter__", broken)
+    with pytest.raises(OSError, match="no loop for the sinks"):
+        curve_fit(model, X, Y, p0=[1.0, 1.0, 0.0], sinks=[ConsoleSink()])
