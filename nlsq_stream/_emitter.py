@@ -14,8 +14,10 @@ the records come back, one transfer per chunk.
   the latency (a record waits at most one interval). A problem seen before starts with the
   per-trial time of its last fit, so a short fit is a single chunk; a new one starts with a chunk
   of one trial (iteration 0 reaches the watchers at once, and the host learns the trial time).
-  A chunk stretches up to ``TAIL`` intervals (60 ms) when the fit is expected to end within it
-  (the last fit of the problem took that many trials): no short last chunk.
+  A chunk stretches up to ``TAIL`` intervals (80 ms) when the fit is expected to end within it
+  (the last fit of the problem took that many trials): no short last chunk. A chunk boundary is
+  not free: at 1e6 points a fit split in two took 3.2 ms longer (120 pairs, device-side), so a
+  fit that fits in the latency budget (100 ms) runs as one chunk.
   Counting trials rather than records means that a long run of rejected trials still ends its
   chunk, so a stop request always gets through. A chunk also ends when its buffer is full.
 * a stop request (``stream.stop()``, the Stop button, Ctrl-C) is seen between chunks: the fit
@@ -43,7 +45,7 @@ from jax import Array
 from . import _engine
 
 TARGET_INTERVAL = 0.04  # seconds of fit time per chunk (latency budget: 100 ms)
-TAIL = 1.5  # a chunk stretches this far to end a fit expected to end within it (60 ms)
+TAIL = 2.0  # a chunk stretches this far to end a fit expected to end within it (80 ms)
 K_MAX = 256  # rows in the device buffer (a full buffer ends the chunk)
 K_TRIALS_MAX = 1 << 14  # at most this many trials per chunk
 ROW_HEAD = 6  # iteration, nfev, cost, cost_reduction, step_norm, optimality; then the params
@@ -168,13 +170,15 @@ class Channel:
         watchers' setup, see ``_pipeline.HubChannel``) can overlap it now. A no-op here."""
 
     def _k_for(self, per_trial: float) -> int:
-        k = int(min(max(self._target / max(per_trial, 1e-7), 1), K_TRIALS_MAX))
+        per_trial = max(per_trial, 1e-7)
+        k = int(min(max(self._target / per_trial, 1), K_TRIALS_MAX))
         if self._expected is not None:
-            # A fit expected to end within TAIL chunks runs to its end in this one: a short
-            # last chunk would cost a chunk boundary (a few ms at 1e6 points) for little.
-            stretched = int(k * TAIL)
-            if 0 < self._expected - self._trials <= stretched:
-                k = stretched
+            # A fit expected to end within TAIL intervals runs to its end in this chunk, with the
+            # rest of those intervals as slack: a short last chunk would cost a chunk boundary.
+            left = self._expected - self._trials
+            budget = self._target * TAIL
+            if 0 < left and left * per_trial <= budget:
+                k = max(k, int(min(budget / per_trial, K_TRIALS_MAX)))
         return k
 
     def remember_trials(self, trials: int) -> None:
