@@ -356,8 +356,9 @@ def bench_emit_overhead(opts: BenchOptions) -> None:
     with open(os.devnull, "w") as devnull:
         for n in opts.problem_sizes():
             # At 1e6 the run-to-run noise (+-2 ms here) is several times the 1 % target: 7 pairs
-            # gave ratios from 0.91 to 1.07; 21 pairs cost ~3 s.
-            reps = opts.reps(*{1_000: (200, 60), 100_000: (40, 8)}.get(n, (21, 3)))
+            # gave ratios from 0.91 to 1.07, 21 pairs from 0.95 to 1.12 (three runs, every
+            # watched fit one chunk); 41 pairs cost ~5 s.
+            reps = opts.reps(*{1_000: (200, 60), 100_000: (40, 8)}.get(n, (41, 3)))
             t0, t2 = _emit_size(n, reps, devnull)
             ratio = statistics.median(t2) / statistics.median(t0)
             added = statistics.median(b - a for a, b in zip(t0, t2, strict=True))
