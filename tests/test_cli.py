@@ -94,6 +94,23 @@ def test_bench_solver_quick_small() -> None:
     assert "PASS" in out or "MISS" in out
 
 
+def test_bench_emit_quick_small() -> None:
+    """The emission benchmark reports the cost of watching, the part of it before any hub or
+    sink ('chunks'), the 1e3 target and the live consumer's latency."""
+    proc = run_cli("bench", "emit", "--quick", "--sizes", "1000", "--repeats", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    row = re.search(
+        r"^ +1e3 +([0-9.]+) +([0-9.]+) +[0-9.]+x +[-+][0-9.]+ms +[0-9.]+x "
+        r"+([-+][0-9.]+)ms +3$",
+        out,
+        re.M,
+    )
+    assert row, out
+    assert re.search(r"n=1e3: added < 0.5 ms: [-+][0-9.]+ ms  (PASS|MISS)", out), out
+    assert re.search(r"latency \(end max\) <= 100 ms: [0-9.]+ ms  (PASS|MISS)", out), out
+
+
 def test_bench_slow_consumers_quick() -> None:
     """The slow-consumer benchmark runs and reports what it promises (its ratio is measured
     there, not asserted here: timings belong in benchmarks)."""
