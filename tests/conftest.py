@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import pytest
+
+from nlsq_stream._stream import _SinkLoop
 
 jax.config.update("jax_enable_x64", True)
 
@@ -41,6 +44,23 @@ def _live_threads() -> set[threading.Thread]:
         and not t.name.startswith(HARNESS_THREAD_PREFIXES)
         and not isinstance(t, threading._DummyThread)
     }
+
+
+# The shared sink loop ends IDLE_S seconds after its last fit (1 s, so that fits in a row reuse
+# it). Tests prove that it ends, and that nothing else is left, after every test; with the default
+# each of them would wait a second for it, so they run with a tenth of that.
+# ``test_stream.py::test_the_sink_loop_outlives_a_pause_then_ends`` checks the default itself.
+PRODUCTION_IDLE_S = _SinkLoop.IDLE_S
+TEST_IDLE_S = 0.1
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _short_sink_loop_idle() -> Iterator[None]:
+    _SinkLoop.IDLE_S = TEST_IDLE_S
+    try:
+        yield
+    finally:
+        _SinkLoop.IDLE_S = PRODUCTION_IDLE_S
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
         print("NO-INTERRUPT")
     except KeyboardInterrupt:
         ms = 1e3 * (time.perf_counter() - fired["t"])
-        deadline = time.monotonic() + 2.0  # the shared sink loop ends ~0.1 s after its last fit
+        deadline = time.monotonic() + 3.0  # the shared sink loop ends 1-1.5 s after its last fit
         while any(th.name.startswith("nlsq_stream") for th in threading.enumerate()):
             if time.monotonic() > deadline:
                 break

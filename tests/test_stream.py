@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import anyio
 import numpy as np
 import pytest
 from conftest import (
+    PRODUCTION_IDLE_S,
     SLOW_TOLS,
     assert_no_leftover_tasks,
     decay_data,
@@ -21,6 +23,7 @@ from conftest import (
 
 import nlsq_stream as ns
 from nlsq_stream._hub import HUB
+from nlsq_stream._stream import _SinkLoop
 from nlsq_stream.events import FitFailed, FitFinished, FitStarted, Iteration
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_leftover_threads")]
@@ -315,6 +318,27 @@ async def test_plain_async_for_left_at_the_terminal_event_cleans_up(anyio_backen
         assert not sink_threads(), "the shared sink loop did not end once idle"
     finally:
         await stream._close()  # what exhausting the iterator would have done
+
+
+def test_the_sink_loop_outlives_a_pause_then_ends(monkeypatch):
+    """With the library's own idle time, watched fits 0.3 s apart share one sink thread (a new
+    one costs ~0.6 ms), and it ends between IDLE_S and 1.5 IDLE_S (the idle check's period)
+    after the last fit, plus scheduling slack."""
+    monkeypatch.setattr(_SinkLoop, "IDLE_S", PRODUCTION_IDLE_S)
+
+    def sink_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "nlsq_stream-sinks"]
+
+    ns.curve_fit(decay_model, X, Y, p0=P0, sinks=[_null_sink])
+    (first,) = sink_threads()
+    time.sleep(0.3)
+    ns.curve_fit(decay_model, X, Y, p0=P0, sinks=[_null_sink])
+    released = time.monotonic()
+    assert sink_threads() == [first], "a pause of 0.3 s started a new sink loop"
+    first.join(1.5 * PRODUCTION_IDLE_S + 2.0)
+    ended = time.monotonic() - released
+    assert not first.is_alive(), "the sink loop did not end once idle"
+    assert PRODUCTION_IDLE_S * 0.95 <= ended, f"ended {ended:.2f} s after its last fit"
 
 
 async def test_bad_arguments_raise_before_anything_starts(anyio_backend):
