@@ -95,8 +95,8 @@ def test_bench_solver_quick_small() -> None:
 
 
 def test_bench_emit_quick_small() -> None:
-    """The emission benchmark reports the cost of watching, the same work done inline in the
-    caller ('inline'), the 1e3 target and the live consumer's latency."""
+    """The emission benchmark reports the cost of watching, the least that any pipeline would
+    add ('floor'), the 1e3 target and the live consumer's latency."""
     proc = run_cli("bench", "emit", "--quick", "--sizes", "1000", "--repeats", "3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
