@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nlsq_stream.sinks import HEADER
@@ -109,6 +110,20 @@ def test_bench_emit_quick_small() -> None:
     assert row, out
     assert re.search(r"n=1e3: added < 0.5 ms: [-+][0-9.]+ ms  (PASS|MISS)", out), out
     assert re.search(r"latency \(end max\) <= 100 ms: [0-9.]+ ms  (PASS|MISS)", out), out
+
+
+def test_ratio_interval_brackets_the_ratio_and_widens_with_noise() -> None:
+    from nlsq_stream._bench import ratio_interval
+
+    rng = np.random.default_rng(0)
+    base = 1.0 + 0.01 * rng.standard_normal(200)
+    lo, hi = ratio_interval(base, 1.1 * base)
+    assert lo == pytest.approx(1.1) and hi == pytest.approx(1.1)  # pairs move together
+    noisy = 1.1 + 0.05 * rng.standard_normal(200)
+    lo, hi = ratio_interval(base, noisy)
+    assert lo < 1.1 < hi and 0.005 < hi - lo < 0.05
+    lo5, hi5 = ratio_interval(base[:20], noisy[:20])
+    assert hi5 - lo5 > hi - lo  # fewer pairs, a wider interval
 
 
 def test_bench_slow_consumers_quick() -> None:
