@@ -35,7 +35,7 @@ P0 = (1.0, 1.0, 0.0)
 TRUE = (2.5, 1.3, 0.5)
 SEED = 1234
 LATENCY_TARGET_S = 0.1
-WARM_UP_S = 1.0  # solver benchmark: warm-up calls before timing, per size
+WARM_UP_S = 1.0  # solver and emit benchmarks: warm-up calls before timing, per size
 
 
 @dataclasses.dataclass
@@ -402,9 +402,12 @@ def _emit_size(n: int, reps: int, devnull: IO[str]) -> tuple[list[float], ...]:
         return _floor_fit(model, x, y, devnull, watched=True)
 
     fns = (quiet, watched, floor_quiet, floor_watched)
-    for _ in range(2):  # compile all, then warm up
+    deadline = time.perf_counter() + WARM_UP_S  # compile all, then warm up (see _solver_size)
+    while True:
         for fn in fns:
             fn()
+        if time.perf_counter() > deadline:
+            break
     t0, t2 = interleaved([quiet, watched], reps, shuffle=False)
     f0, f2 = interleaved([floor_quiet, floor_watched], reps, shuffle=False)
     return t0, t2, f0, f2
