@@ -35,7 +35,7 @@ P0 = (1.0, 1.0, 0.0)
 TRUE = (2.5, 1.3, 0.5)
 SEED = 1234
 LATENCY_TARGET_S = 0.1
-WARM_UP_S = 1.0  # solver and emit benchmarks: warm-up calls before timing, per size
+WARM_UP_S = 1.0  # solver and emit benchmarks: warm-up before timing, per size (``warm_up``)
 
 
 @dataclasses.dataclass
@@ -120,6 +120,21 @@ def count_compiles() -> Iterator[list[float]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def warm_up(fns: Sequence[Callable[[], Any]], seconds: float = WARM_UP_S) -> None:
+    """Call every function in turn, at least once, until ``seconds`` have passed.
+
+    A second, not one call each: in a fresh process our 1e3 fits ran ~10 % slower for up to a
+    second after the first calls (one process in six measured 1.02, then 0.90, against scipy's
+    lm), and the benchmarks time 1e3 first.
+    """
+    deadline = time.perf_counter() + seconds
+    while True:
+        for fn in fns:
+            fn()
+        if time.perf_counter() > deadline:
+            return
+
+
 def interleaved(
     fns: Sequence[Callable[[], Any]], rounds: int, settle: float = 0.0, shuffle: bool = True
 ) -> list[list[float]]:
@@ -188,15 +203,7 @@ def _solver_size(n: int, reps: Callable[[int], int], scipy_fit: Any) -> dict[str
     if scipy_fit is not None:
         lm_pair.append(lambda: scipy_fit(exp_model_np, x, y, p0=P0, method="lm"))
         trf_pair.append(lambda: scipy_fit(exp_model_np, x, y, p0=P0, method="trf"))
-    # Warm up for a second, not one call each: in a fresh process ours at 1e3 ran ~10 % slower
-    # for up to about a second after the first calls (one process in six measured 1.02 then
-    # 0.90 against scipy), and 1e3 is measured first.
-    deadline = time.perf_counter() + WARM_UP_S
-    while True:
-        for fn in lm_pair + trf_pair:
-            fn()
-        if time.perf_counter() > deadline:
-            break
+    warm_up(lm_pair + trf_pair)
     r = reps(n)
     lm_times = interleaved(lm_pair, r, settle=0.25)
     lm = [statistics.median(t) for t in lm_times]
@@ -348,7 +355,7 @@ def _floor_fit(model: Any, x: np.ndarray, y: np.ndarray, devnull: IO[str], watch
     from ._curve_fit import prepare_curve_fit
     from ._emitter import K_TRIALS_MAX, Emitter
     from ._hub import rows_to_iterations
-    from ._least_squares import DEVICE_PUT_BYTES
+    from ._least_squares import DEVICE_PUT_BYTES, _data_bytes
     from .events import FitFinished
     from .sinks import ConsoleSink
 
@@ -356,7 +363,7 @@ def _floor_fit(model: Any, x: np.ndarray, y: np.ndarray, devnull: IO[str], watch
     heap = _engine.heap_limit(prep.problem, prep.x0, prep.data, prep.n_residuals)
     emitter = Emitter(2) if watched else None
     config = _engine.Config(**prep.config_kw, fun_jac=False, emitter=emitter, heap=heap)
-    data = jax.device_put(prep.data) if x.nbytes + y.nbytes > DEVICE_PUT_BYTES else prep.data
+    data = jax.device_put(prep.data) if _data_bytes(prep.data) > DEVICE_PUT_BYTES else prep.data
     n = prep.x0.size
     vectors = np.stack([prep.x0, prep.lb, prep.ub, prep.x_scale])
     scalars = np.array([*prep.tols, prep.f_scale, prep.max_nfev], prep.x0.dtype)
@@ -401,13 +408,7 @@ def _emit_size(n: int, reps: int, devnull: IO[str]) -> tuple[list[float], ...]:
     def floor_watched() -> Any:
         return _floor_fit(model, x, y, devnull, watched=True)
 
-    fns = (quiet, watched, floor_quiet, floor_watched)
-    deadline = time.perf_counter() + WARM_UP_S  # compile all, then warm up (see _solver_size)
-    while True:
-        for fn in fns:
-            fn()
-        if time.perf_counter() > deadline:
-            break
+    warm_up([quiet, watched, floor_quiet, floor_watched])  # compiles each, then warms up
     t0, t2 = interleaved([quiet, watched], reps, shuffle=False)
     f0, f2 = interleaved([floor_quiet, floor_watched], reps, shuffle=False)
     return t0, t2, f0, f2
