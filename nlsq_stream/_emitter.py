@@ -17,7 +17,7 @@ the records come back, one transfer per chunk.
   A chunk stretches up to ``TAIL`` intervals (80 ms) when the fit is expected to end within it
   (the last fit of the problem took that many trials): no short last chunk. A chunk boundary is
   not free: at 1e6 points a fit split in two took 3.2 ms longer (120 pairs, device-side), so a
-  fit that fits in the latency budget (100 ms) runs as one chunk.
+  fit expected to end within 80 ms, inside the latency budget (100 ms), runs as one chunk.
   Counting trials rather than records means that a long run of rejected trials still ends its
   chunk, so a stop request always gets through. A chunk also ends when its buffer is full.
 * a stop request (``stream.stop()``, the Stop button, Ctrl-C) is seen between chunks: the fit
