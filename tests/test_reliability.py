@@ -152,8 +152,41 @@ def scipy_reference(wall: float, bad: float = np.nan, **kw):
     return scipy.optimize.least_squares(res, P0, method="trf", **kw)
 
 
-def check_non_finite_run(evs: list, fin_status: int, scipy_res, initial_cost: float) -> None:
-    """Rejected non-finite trials never surface: every reported point is finite, costs fall."""
+# The default tolerances, ours and scipy's.
+FTOL = XTOL = GTOL = 1e-8
+
+
+def decay_jac(x: np.ndarray) -> np.ndarray:
+    e = np.exp(-x[1] * X)
+    return np.stack([e, -x[0] * X * e, np.ones_like(X)], axis=1)
+
+
+def stop_radius(status: int, x: np.ndarray, cost: float) -> float:
+    """How far from the minimum a trf fit of decay_data that stopped with ``status`` can be.
+
+    gtol (1): ||J'f||_inf < gtol, so the distance is <= ||(J'J)^-1|| ||J'f|| <= sqrt(n) gtol /
+    sigma_min^2. xtol (3): the last step was < xtol (xtol + ||x||); the fit converges fast here (a
+    small-residual problem, cond(J) ~ 8), so the next step, the distance left, is shorter still.
+    ftol (2): the last step gained < ftol cost, and the quadratic model gives a distance up to
+    sqrt(2 ftol cost) / sigma_min. (J at the point; sigma_min ~ 7 for decay_data.)
+    """
+    sv = np.linalg.svd(decay_jac(x), compute_uv=False)
+    return {
+        1: np.sqrt(x.size) * GTOL / sv[-1] ** 2,
+        2: np.sqrt(2 * FTOL * cost) / sv[-1],
+        3: XTOL * (XTOL + np.linalg.norm(x)),
+    }[status]
+
+
+def check_non_finite_run(evs: list, scipy_res, initial_cost: float, converged: bool = True) -> None:
+    """Rejected non-finite trials never surface: every reported point is finite, costs fall.
+
+    Not ``converged``: both ran out of evaluations (status 0) on the same path, so nfev agrees
+    exactly, and x to 1e-6 (rounding amplified by at most cond(J) ~ 8 per evaluation over 10).
+    ``converged``: both converged, and to the same minimum, but *which* of gtol, xtol or ftol fires
+    first there (and so whether one more evaluation is made) is decided by the last bits of the
+    arithmetic, which differ between CPUs: compare the point, not the reason.
+    """
     iters = check_order(evs, FitFinished)
     for ev in iters:
         assert np.isfinite(ev.cost) and np.all(np.isfinite(ev.params)), ev
@@ -161,11 +194,26 @@ def check_non_finite_run(evs: list, fin_status: int, scipy_res, initial_cost: fl
     assert all(b <= a for a, b in itertools.pairwise(costs)), costs
     assert costs[0] == pytest.approx(initial_cost, rel=1e-12)
     fin = evs[-1].result
-    assert fin["status"] == fin_status == scipy_res.status
-    assert fin["nfev"] == scipy_res.nfev
-    assert np.isfinite(fin["cost"]) and fin["cost"] == pytest.approx(scipy_res.cost, rel=1e-6)
-    np.testing.assert_allclose(fin["x"], scipy_res.x, rtol=1e-6)
-    assert fin["cost"] == iters[-1].cost
+    x = np.asarray(fin["x"])
+    assert np.isfinite(fin["cost"]) and fin["cost"] == iters[-1].cost
+    if not converged:
+        assert fin["status"] == scipy_res.status == 0
+        assert fin["nfev"] == scipy_res.nfev
+        assert fin["cost"] == pytest.approx(scipy_res.cost, rel=1e-6)
+        np.testing.assert_allclose(x, scipy_res.x, rtol=1e-6)
+        return
+    assert fin["status"] > 0 and scipy_res.status > 0, (fin["status"], scipy_res.status)
+    assert abs(fin["nfev"] - scipy_res.nfev) <= 1, (fin["nfev"], scipy_res.nfev)
+    # Each point lies within its stop_radius of the minimum, so they lie within the sum of each
+    # other; the cost, flat at the minimum, then differs by at most sigma_max^2 d^2 / 2 (second
+    # order), plus the rounding of a sum of m squares (m eps relative).
+    d = stop_radius(fin["status"], x, fin["cost"]) + stop_radius(
+        scipy_res.status, scipy_res.x, scipy_res.cost
+    )
+    assert np.linalg.norm(x - scipy_res.x) <= d, (x, scipy_res.x, d)
+    sigma_max = np.linalg.norm(decay_jac(x), 2)
+    cost_tol = sigma_max**2 * d**2 / 2 + X.size * np.finfo(float).eps * scipy_res.cost
+    assert abs(fin["cost"] - scipy_res.cost) <= cost_tol, (fin["cost"], scipy_res.cost, cost_tol)
 
 
 INITIAL_COST = float(0.5 * np.sum((decay_model(X, *P0) - Y) ** 2))
@@ -241,11 +289,12 @@ def test_model_raising_at_run_time_sync(capsys):
 def test_non_finite_trial_points_are_rejected_like_scipy_sync(kind, capsys):
     model, wall = MID_FIT_MODELS[kind]
     ref = scipy_reference(wall, np.nan if kind == "nan" else np.inf)
-    assert ref.status > 0 and ref.nfev == 8  # scipy: one rejected trial, then it converges
+    # scipy: one rejected trial, then it converges (in 8 evaluations, give or take the last one)
+    assert ref.status > 0 and abs(ref.nfev - 8) <= 1
     sink = Collect()
     popt, _ = ns.curve_fit(model, X, Y, p0=P0, method="trf", verbose=2, sinks=[sink])
-    check_non_finite_run(sink.events, ref.status, ref, INITIAL_COST)
-    np.testing.assert_allclose(popt, ref.x, rtol=1e-6)
+    check_non_finite_run(sink.events, ref, INITIAL_COST)
+    np.testing.assert_array_equal(popt, sink.events[-1].result["x"])
     assert sink.events[-1].result["success"]
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == sink.events[-1].result["message"]
@@ -271,7 +320,7 @@ def test_non_finite_wall_exhausting_max_nfev_is_a_clear_failure_sync(capsys):
         ns.curve_fit(
             nan_wall_model, X, Y, p0=P0, method="trf", max_nfev=10, verbose=2, sinks=[sink]
         )
-    check_non_finite_run(sink.events, 0, ref, INITIAL_COST)
+    check_non_finite_run(sink.events, ref, INITIAL_COST, converged=False)
     fin = sink.events[-1].result
     assert not fin["success"] and "maximum number of function evaluations" in fin["message"]
     assert capsys.readouterr().out.splitlines()[-2] == fin["message"]
@@ -303,8 +352,8 @@ async def test_non_finite_trial_points_are_rejected_like_scipy_stream(anyio_back
             async for ev in stream:
                 evs.append(ev)
     for got in (evs, sink.events):
-        check_non_finite_run(got, ref.status, ref, INITIAL_COST)
-    assert stream.result.success and stream.result.status == ref.status
+        check_non_finite_run(got, ref, INITIAL_COST)
+    assert stream.result.success and stream.result.status == evs[-1].result["status"]
     await assert_no_leftover_tasks(before)
 
 
@@ -321,7 +370,7 @@ async def test_non_finite_wall_exhausting_max_nfev_stream(anyio_backend):
         ):
             evs.append(ev)
     for got in (evs, sink.events):
-        check_non_finite_run(got, 0, ref, INITIAL_COST)
+        check_non_finite_run(got, ref, INITIAL_COST, converged=False)
         assert not got[-1].result["success"]
     await assert_no_leftover_tasks(before)
 
