@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.optimize as so
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -330,6 +331,10 @@ def np_exp_model(x, a, b, c):
     return a * np.exp(-b * x) + c
 
 
+def np_exp_jac(x, a, b, c):
+    return _np_exp(x, (a, b, c))[1]
+
+
 def two_predictor_model(xx, a, b, c):
     """a exp(-b x1) + c x2, with xdata a pair (x1, x2)."""
     return a * jnp.exp(-b * xx[0]) + c * xx[1]
@@ -339,11 +344,127 @@ def np_two_predictor_model(xx, a, b, c):
     return a * np.exp(-b * xx[0]) + c * xx[1]
 
 
-def _assert_fit_matches(ours, ref, pcov_rtol=1e-6):
-    """popt agrees; each pcov entry agrees relative to sqrt(pcov_ii pcov_jj) (its natural scale)."""
-    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-7)
-    scale = np.sqrt(np.outer(np.diag(ref[1]), np.diag(ref[1])))
-    np.testing.assert_array_less(np.abs(ours[1] - ref[1]), pcov_rtol * scale + 1e-300)
+def np_two_predictor_jac(xx, a, b, c):
+    e = np.exp(-b * xx[0])
+    return np.stack([e, -a * xx[0] * e, xx[1]], axis=1)
+
+
+EPS = np.finfo(float).eps
+CF_FTOL = CF_XTOL = 1e-8  # curve_fit's default ftol and xtol, in both libraries
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveFitProblem:
+    """A curve_fit problem in numpy: the model, its analytic Jacobian, data and weights."""
+
+    model: Callable  # model(xdata, *p)
+    jac: Callable  # jac(xdata, *p): the model's (m, n) Jacobian
+    xdata: object
+    ydata: np.ndarray
+    sigma: np.ndarray | None = None
+    absolute_sigma: bool = False
+
+    def _whiten(self, a: np.ndarray) -> np.ndarray:
+        """What both libraries fit: rows divided by a 1-D sigma, or by L for sigma = L L'."""
+        if self.sigma is None:
+            return a
+        if self.sigma.ndim == 1:
+            return (a.T / self.sigma).T
+        return scipy.linalg.solve_triangular(np.linalg.cholesky(self.sigma), a, lower=True)
+
+    def residual(self, p: np.ndarray) -> np.ndarray:
+        return self._whiten(self.model(self.xdata, *p) - self.ydata)
+
+    def jacobian(self, p: np.ndarray) -> np.ndarray:
+        return self._whiten(self.jac(self.xdata, *p))
+
+    def s2(self, p: np.ndarray) -> float:
+        """The factor pcov carries: the residual variance, or 1 with absolute_sigma."""
+        if self.absolute_sigma:
+            return 1.0
+        f = self.residual(p)
+        return float(f @ f) / (f.size - len(p))
+
+    def scipy_fit(self, p0, **kw):
+        """scipy's curve_fit, given the exact Jacobian: its default forward differences carry a
+        relative error of ~sqrt(eps) in J, which its pcov inherits times cond(J) (~1e-7 here),
+        an error of the reference and not of ours."""
+        return so.curve_fit(
+            self.model,
+            self.xdata,
+            self.ydata,
+            p0=p0,
+            sigma=self.sigma,
+            absolute_sigma=self.absolute_sigma,
+            jac=self.jac,
+            **kw,
+        )
+
+
+def _pinv_gram(J: np.ndarray) -> np.ndarray:
+    """pinv(J'J) by SVD, dropping singular values below eps * max(m, n) * s_max, as both do."""
+    _, s, vt = np.linalg.svd(J, full_matrices=False)
+    keep = s > EPS * max(J.shape) * s[0]
+    return (vt[keep].T / s[keep] ** 2) @ vt[keep]
+
+
+def _assert_fit_matches(ours, ref, problem: CurveFitProblem, method: str) -> None:
+    """popt agrees with scipy's; pcov is s2 pinv(J'J) at popt, and agrees with scipy's pcov to
+    within what scipy's own stopping rule leaves open. Every pcov entry is judged relative to
+    sqrt(pcov_ii pcov_jj), its natural scale (a correlation, for the off-diagonal ones).
+
+    Tolerances, derived from the problem at hand:
+
+    * rounding: pcov is s2 (a sum of m squares: relative error <= m eps) times pinv(J'J) from an
+      SVD of the whitened J (m x n; backward error ~ max(m, n) eps, which pinv(J'J) amplifies by
+      kappa^2, kappa the condition number of J with unit columns, which is what the natural
+      scale divides out): rho = (m + max(m, n) kappa^2) eps of an entry's scale per computation,
+      2 rho between two computations of it.
+    * moved: a pcov computed from the Jacobian at a point a distance r away (in ||J .||) differs
+      by at most r * ||dpcov/du|| to first order, over directions u with ||J u|| = 1 (derivatives
+      by central differences along J's right singular vectors divided by the singular value).
+      r is ||J (popt - scipy's popt)||, and for lm also MINPACK's last step: its pcov uses the
+      Jacobian of the iterate *before* that step. MINPACK stops once that step's predicted
+      reduction is <= ftol (so ||J p|| <= sqrt(ftol) ||f||) or it is <= xtol ||D x|| (D: column
+      norms of J), so r_lm <= max(sqrt(ftol) ||f||, ||J D^-1|| xtol ||D x||): ~1e-5 of the natural
+      scale for the fits here, where the last step actually moved scipy's pcov by ~1e-6.
+    * s2: each side's residual variance at its own popt (measured).
+    """
+    popt, pcov = np.asarray(ours[0]), np.asarray(ours[1])
+    np.testing.assert_allclose(popt, ref[0], rtol=1e-7)
+    J = problem.jacobian(popt)
+    m, n = J.shape
+    s2 = problem.s2(popt)
+    exact = s2 * _pinv_gram(J)
+    sd = np.sqrt(np.diag(exact))
+    scale = np.outer(sd, sd)
+    live = sd > 0  # a parameter without effect has a zero column in J and zero pcov row/column
+    col_norms = np.linalg.norm(J[:, live], axis=0)
+    kappa = np.linalg.cond(J[:, live] / col_norms)
+    rounding = 2 * (m + max(m, n) * kappa**2) * EPS * scale
+    np.testing.assert_array_less(np.abs(pcov - exact), rounding + 1e-300)
+
+    r = float(np.linalg.norm(J @ (ref[0] - popt)))
+    if method == "lm":
+        f = problem.residual(popt)
+        ftol_step = np.sqrt(CF_FTOL) * np.linalg.norm(f)
+        xtol_step = (
+            np.linalg.norm(J[:, live] / col_norms, 2)
+            * CF_XTOL
+            * np.linalg.norm(col_norms * popt[live])
+        )
+        r += max(ftol_step, xtol_step)
+    _, s, vt = np.linalg.svd(J, full_matrices=False)
+    keep = s > EPS * max(m, n) * s[0]
+    derivs = []
+    for s_l, v_l in zip(s[keep], vt[keep], strict=True):
+        u = v_l / s_l  # ||J u|| = 1
+        h = 1e-6 * np.linalg.norm(popt) / np.linalg.norm(u)
+        up, down = (s2 * _pinv_gram(problem.jacobian(popt + t * u)) for t in (h, -h))
+        derivs.append((up - down) / (2 * h))
+    moved = r * np.sqrt(np.sum(np.square(derivs), axis=0))
+    s2_gap = abs(problem.s2(ref[0]) / s2 - 1) * np.abs(exact)
+    np.testing.assert_array_less(np.abs(pcov - ref[1]), moved + s2_gap + rounding + 1e-300)
 
 
 @pytest.mark.parametrize("method", ["lm", "trf"])
@@ -351,10 +472,11 @@ def _assert_fit_matches(ours, ref, pcov_rtol=1e-6):
 def test_curve_fit_sigma_1d(method, absolute_sigma):
     """1-D sigma (standard deviations), relative and absolute."""
     sigma = 0.01 + 0.02 * X
-    kw = dict(p0=P0, sigma=sigma, absolute_sigma=absolute_sigma, method=method)
-    ours = curve_fit(exp_model, X, Y, **kw)
-    ref = so.curve_fit(np_exp_model, X, Y, **kw)
-    _assert_fit_matches(ours, ref)
+    ours = curve_fit(
+        exp_model, X, Y, p0=P0, sigma=sigma, absolute_sigma=absolute_sigma, method=method
+    )
+    problem = CurveFitProblem(np_exp_model, np_exp_jac, X, Y, sigma, absolute_sigma)
+    _assert_fit_matches(ours, problem.scipy_fit(P0, method=method), problem, method)
 
 
 @pytest.mark.parametrize("absolute_sigma", [False, True])
@@ -362,10 +484,9 @@ def test_curve_fit_sigma_2d(absolute_sigma):
     """A 2-D covariance sigma with correlated errors."""
     idx = np.arange(X.size)
     cov = 1e-4 * 0.5 ** np.abs(idx[:, None] - idx[None, :]) + 1e-5 * np.eye(X.size)
-    kw = dict(p0=P0, sigma=cov, absolute_sigma=absolute_sigma, method="trf")
-    ours = curve_fit(exp_model, X, Y, **kw)
-    ref = so.curve_fit(np_exp_model, X, Y, **kw)
-    _assert_fit_matches(ours, ref)
+    ours = curve_fit(exp_model, X, Y, p0=P0, sigma=cov, absolute_sigma=absolute_sigma, method="trf")
+    problem = CurveFitProblem(np_exp_model, np_exp_jac, X, Y, cov, absolute_sigma)
+    _assert_fit_matches(ours, problem.scipy_fit(P0, method="trf"), problem, "trf")
 
 
 @pytest.mark.parametrize("bounded", [False, True])
@@ -376,8 +497,9 @@ def test_curve_fit_two_predictors(bounded):
     y = 1.5 * np.exp(-0.4 * x1) - 0.8 * x2 + 0.01 * np.sin(9 * x1)
     bounds = ([0, 0, -2], [5, 5, 2]) if bounded else (-np.inf, np.inf)
     ours = curve_fit(two_predictor_model, (x1, x2), y, p0=[1.0, 1.0, 0.0], bounds=bounds)
-    ref = so.curve_fit(np_two_predictor_model, (x1, x2), y, p0=[1.0, 1.0, 0.0], bounds=bounds)
-    _assert_fit_matches(ours, ref)
+    problem = CurveFitProblem(np_two_predictor_model, np_two_predictor_jac, np.stack([x1, x2]), y)
+    ref = problem.scipy_fit([1.0, 1.0, 0.0], bounds=bounds)
+    _assert_fit_matches(ours, ref, problem, "trf" if bounded else "lm")  # both default to these
 
 
 @pytest.mark.parametrize("method", ["lm", "trf"])
@@ -385,9 +507,10 @@ def test_curve_fit_full_output(method):
     """full_output returns (popt, pcov, infodict, mesg, ier) like scipy."""
     sigma = np.full(X.size, 0.05)
     ours = curve_fit(exp_model, X, Y, p0=P0, sigma=sigma, method=method, full_output=True)
-    ref = so.curve_fit(np_exp_model, X, Y, p0=P0, sigma=sigma, method=method, full_output=True)
+    problem = CurveFitProblem(np_exp_model, np_exp_jac, X, Y, sigma)
+    ref = problem.scipy_fit(P0, method=method, full_output=True)
     assert len(ours) == len(ref) == 5
-    _assert_fit_matches(ours, ref)
+    _assert_fit_matches(ours, ref, problem, method)
     info, mesg, ier = ours[2:]
     assert {"nfev", "fvec"} <= set(info)
     assert info["nfev"] >= 1
@@ -416,6 +539,10 @@ def unused_parameter_model(x, a, b):
 
 def np_unused_parameter_model(x, a, b):
     return a * np.exp(-0.5 * x) + 0.0 * b
+
+
+def np_unused_parameter_jac(x, a, b):
+    return np.stack([np.exp(-0.5 * x), np.zeros_like(x)], axis=1)
 
 
 UNUSED_X = np.linspace(0.0, 4.0, 20)
@@ -465,6 +592,7 @@ def test_pcov_for_parameter_without_effect_trf():
         warnings.simplefilter("error")
         args = (UNUSED_X, UNUSED_Y)
         ours = curve_fit(unused_parameter_model, *args, p0=[1.0, 1.0], method="trf")
-        ref = so.curve_fit(np_unused_parameter_model, *args, p0=[1.0, 1.0], method="trf")
-    _assert_fit_matches(ours, ref)
+        problem = CurveFitProblem(np_unused_parameter_model, np_unused_parameter_jac, *args)
+        ref = problem.scipy_fit([1.0, 1.0], method="trf")
+    _assert_fit_matches(ours, ref, problem, "trf")
     assert ours[1][1, 1] == 0.0 and ours[1][0, 0] > 0
