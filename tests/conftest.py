@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -11,13 +12,36 @@ from pathlib import Path
 
 import jax
 import pytest
+from hypothesis import HealthCheck, settings
 
 from nlsq_stream._stream import _SinkLoop
 
 jax.config.update("jax_enable_x64", True)
 
+# Hypothesis draws the same examples on every run and every machine ("fixed": derandomize, no
+# example database), so a failure found once, in CI or by a user running README's command, is
+# found again by that command. "explore" draws fresh random examples, for hunting; a failure
+# there prints the ``--hypothesis-seed`` (and ``@reproduce_failure`` blob) that replays it.
+# Choose with HYPOTHESIS_PROFILE=explore or pytest's --hypothesis-profile=explore. Loaded here, at
+# the top of conftest, because test modules build their ``settings(...)`` objects at import time
+# and those inherit from the profile loaded then. The pytest header names the profile in force.
+_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fixed", derandomize=True, database=None, **_COMMON)
+settings.register_profile("explore", derandomize=False, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
+
 # CI clones the repository next to a read-only copy of shared/; tests read NIST's files there.
 NIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nist"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Name the hypothesis profile (and seed, if one is given), so any failure can be replayed."""
+    seed = config.getoption("hypothesis_seed", None)
+    return (
+        f"hypothesis: profile {settings.get_current_profile_name()!r} -> "
+        f"{settings.default.show_changed()}"
+        + (f"; --hypothesis-seed={seed}" if seed is not None else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------------

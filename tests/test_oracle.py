@@ -15,19 +15,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.optimize as so
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 import nlsq_stream
 from nlsq_stream import curve_fit, least_squares
 
-SETTINGS = settings(
-    deadline=None,
-    max_examples=30,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+# Inherits conftest's hypothesis profile ("fixed": derandomized, the same examples everywhere).
+SETTINGS = settings(max_examples=30)
 LOSSES = ("linear", "soft_l1", "huber", "cauchy", "arctan")
 COND_MAX = 1e6  # Jacobian condition number below which x itself must agree with scipy
 FTOL = 1e-8  # the default ftol both solvers run with
