@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from nlsq_stream._stream import _SinkLoop
+from nlsq_stream.stream.runner import _SinkLoop
 
 jax.config.update("jax_enable_x64", True)
 

@@ -27,7 +27,7 @@ import anyio.lowlevel
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .events import TERMINAL, Event, Iteration
+from ..events import TERMINAL, Event, Iteration
 
 Policy = Literal["lossless", "latest"]
 LOSSLESS_WINDOW = 1024  # decoded events a lossless stream holds; the rest wait as raw batches
