@@ -134,24 +134,39 @@ def bench_solver(opts: BenchOptions) -> None:
             line += "  (warning: the first call compiled nothing)"
         _say(opts, line)
     if scipy_fit is not None:
-        for n, row in summary.items():
-            if "rotation4" in row:
-                med = row["rotation4"]
-                _say(
-                    opts,
-                    f"   rotation4 (all four interleaved) at n={_size(n)}: "
-                    + " ".join(_ms(t) for t in med)
-                    + f"; ours lm / scipy lm {med[0] / med[2]:.2f}",
-                )
-        for n, row in summary.items():
-            fastest = min(row["scipy_lm"], row["scipy_trf"])
+        _say_ratios(opts, summary)
+    _say_targets(opts, summary, scipy_fit is not None)
+    if not ({1_000, 1_000_000} & summary.keys()):
+        _say(opts, "   (the targets are at n=1e3 and n=1e6; neither was run)")
+
+
+# -- emit ------------------------------------------------------------------------------------------
+
+
+def _say_ratios(opts: BenchOptions, summary: dict[int, dict[str, Any]]) -> None:
+    """The four-way rotation at 1e3, and how much faster than scipy's fastest ours is."""
+    for n, row in summary.items():
+        if "rotation4" in row:
+            med = row["rotation4"]
             _say(
                 opts,
-                f"   ratio scipy_fastest/ours_warm at n={_size(n)}: {fastest / row['lm']:.2f}x "
-                f"(ours lm, the default), {fastest / row['trf']:.2f}x (ours trf)",
+                f"   rotation4 (all four interleaved) at n={_size(n)}: "
+                + " ".join(_ms(t) for t in med)
+                + f"; ours lm / scipy lm {med[0] / med[2]:.2f}",
             )
+    for n, row in summary.items():
+        fastest = min(row["scipy_lm"], row["scipy_trf"])
+        _say(
+            opts,
+            f"   ratio scipy_fastest/ours_warm at n={_size(n)}: {fastest / row['lm']:.2f}x "
+            f"(ours lm, the default), {fastest / row['trf']:.2f}x (ours trf)",
+        )
+
+
+def _say_targets(opts: BenchOptions, summary: dict[int, dict[str, Any]], with_scipy: bool) -> None:
+    """Each target with its verdict, and how other work between fits slows a small one."""
     _say(opts, "   targets:")
-    if 1_000_000 in summary and scipy_fit is not None:
+    if 1_000_000 in summary and with_scipy:
         row = summary[1_000_000]
         ratio = min(row["scipy_lm"], row["scipy_trf"]) / row["lm"]
         _say(
@@ -161,7 +176,7 @@ def bench_solver(opts: BenchOptions) -> None:
         )
     if 1_000 in summary:
         row = summary[1_000]
-        if scipy_fit is not None:
+        if with_scipy:
             lo, hi = row["lm_interval"]
             _say(
                 opts,
@@ -180,8 +195,3 @@ def bench_solver(opts: BenchOptions) -> None:
             "   n=1e3, ours lm with other work between fits (likely XLA's worker parking):\n"
             "   back to back" + ", ".join(f"{label} {_ms(t)}" for label, t in gaps) + " ms",
         )
-    if not ({1_000, 1_000_000} & summary.keys()):
-        _say(opts, "   (the targets are at n=1e3 and n=1e6; neither was run)")
-
-
-# -- emit ------------------------------------------------------------------------------------------

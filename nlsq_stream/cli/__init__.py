@@ -167,4 +167,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(log=args.log, points=args.points)
     opts = BenchOptions(quick=args.quick, repeats=args.repeats, sizes=args.sizes)
     return run_bench(args.which, opts)
-

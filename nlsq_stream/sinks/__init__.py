@@ -21,9 +21,10 @@ another sink, and a sink that raises is detached and reported (``result.sink_err
     curve_fit(model, x, y, p0=p0, sinks=[PrintCost()])
 
 The package holds the console table (``console``), the JSON-lines log (``jsonl``), the logging
-bridge (``log``), what ``verbose`` shows (``display``) and the Jupyter widget (``widget``, which
-needs the ``notebook`` extra; its public home is ``nlsq_stream.notebook``). Sinks may import the
-events and ``_control`` (the widget's Stop button); they know nothing of the solver or the stream.
+bridge (``log``), what ``verbose`` shows (``display``, ``kernel``) and the Jupyter widget
+(``widget``, which needs the ``notebook`` extra; its public home is ``nlsq_stream.notebook``).
+Sinks may import the events and ``_control`` (the widget's Stop button); they know nothing of
+the solver or the stream.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from __future__ import annotations
 from .console import HEADER as HEADER
 from .console import ConsoleSink as ConsoleSink
 from .display import default_display as default_display
-from .display import in_notebook as in_notebook
 from .jsonl import JsonlSink as JsonlSink
+from .kernel import in_notebook as in_notebook
 from .log import LoggingSink as LoggingSink
 
 __all__ = ["ConsoleSink", "JsonlSink", "LoggingSink", "default_display", "in_notebook"]

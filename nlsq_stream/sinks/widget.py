@@ -55,7 +55,7 @@ import traitlets
 
 from .._control import stop_fit
 from ..events import Event, FitFailed, FitFinished, FitStarted, Iteration
-from .display import in_notebook
+from .kernel import in_notebook
 
 __all__ = ["MAX_POINTS", "FitWidget", "in_notebook"]
 
@@ -225,38 +225,15 @@ class FitWidget(anywidget.AnyWidget):
 
     def apply(self, ev: Event) -> bool:
         """Fold one event into the pending state; True when it must reach the frontend at once."""
-        st = self._state
         if isinstance(ev, FitStarted):
-            self._t0 = ev.time
-            self._reset_series()
-            st.update(
-                fit_id=ev.fit_id,
-                model_name=ev.model or "",
-                method=ev.method,
-                param_names=[str(n) for n in ev.param_names],
-                params=[_finite(v) for v in ev.x0.tolist()],
-                iteration=0,
-                nfev=0,
-                max_nfev=int(ev.max_nfev or 0),
-                cost=None,
-                optimality=None,
-                costs=[],
-                elapsed=0.0,
-                rate=0.0,
-                status="running",
-                status_style=_STATUS_STYLE["running"],
-                message="",
-                running=True,
-                stop_requested=False,
-            )
-            self._maybe_display()
+            self._on_started(ev)
             return True
         if self._t0 is None:  # joined mid-fit (e.g. a replayed log without its start)
             self._t0 = ev.time
         elapsed = max(ev.time - self._t0, 0.0)
         if isinstance(ev, Iteration):
             self._add_cost(ev.iteration, ev.cost)
-            st.update(
+            self._state.update(
                 fit_id=ev.fit_id,
                 iteration=ev.iteration,
                 nfev=ev.nfev,
@@ -270,33 +247,10 @@ class FitWidget(anywidget.AnyWidget):
             )
             return False
         if isinstance(ev, FitFinished):
-            r = ev.result
-            nit = int(r.get("nit", st.get("iteration", self.iteration)))
-            cost = r.get("cost")
-            if cost is not None:
-                self._add_cost(nit, float(cost))
-            status = ev.status
-            text = "stopped" if status == -2 else "converged" if status > 0 else "not converged"
-            if "x" in r:
-                st["params"] = [_finite(v) for v in list(r["x"])]
-            st.update(
-                fit_id=ev.fit_id,
-                iteration=nit,
-                nfev=int(r.get("nfev", st.get("nfev", self.nfev))),
-                cost=_finite(cost),
-                optimality=_finite(r.get("optimality")),
-                costs=self._series(),
-                elapsed=elapsed,
-                rate=nit / elapsed if elapsed > 0 else 0.0,
-                status=text,
-                status_style=_STATUS_STYLE[text],
-                message=str(r.get("message", "")),
-                running=False,
-            )
-            self._t0 = None
+            self._on_finished(ev, elapsed)
             return True
         if isinstance(ev, FitFailed):
-            st.update(
+            self._state.update(
                 fit_id=ev.fit_id,
                 elapsed=elapsed,
                 status="failed",
@@ -307,6 +261,60 @@ class FitWidget(anywidget.AnyWidget):
             self._t0 = None
             return True
         return False
+
+    def _on_started(self, ev: FitStarted) -> None:
+        """A new fit: reset the series and show its start (and the widget, if not shown yet)."""
+        self._t0 = ev.time
+        self._reset_series()
+        self._state.update(
+            fit_id=ev.fit_id,
+            model_name=ev.model or "",
+            method=ev.method,
+            param_names=[str(n) for n in ev.param_names],
+            params=[_finite(v) for v in ev.x0.tolist()],
+            iteration=0,
+            nfev=0,
+            max_nfev=int(ev.max_nfev or 0),
+            cost=None,
+            optimality=None,
+            costs=[],
+            elapsed=0.0,
+            rate=0.0,
+            status="running",
+            status_style=_STATUS_STYLE["running"],
+            message="",
+            running=True,
+            stop_requested=False,
+        )
+        self._maybe_display()
+
+    def _on_finished(self, ev: FitFinished, elapsed: float) -> None:
+        """The fit's result: last cost point, final parameters, status in colour."""
+        st = self._state
+        r = ev.result
+        nit = int(r.get("nit", st.get("iteration", self.iteration)))
+        cost = r.get("cost")
+        if cost is not None:
+            self._add_cost(nit, float(cost))
+        status = ev.status
+        text = "stopped" if status == -2 else "converged" if status > 0 else "not converged"
+        if "x" in r:
+            st["params"] = [_finite(v) for v in list(r["x"])]
+        st.update(
+            fit_id=ev.fit_id,
+            iteration=nit,
+            nfev=int(r.get("nfev", st.get("nfev", self.nfev))),
+            cost=_finite(cost),
+            optimality=_finite(r.get("optimality")),
+            costs=self._series(),
+            elapsed=elapsed,
+            rate=nit / elapsed if elapsed > 0 else 0.0,
+            status=text,
+            status_style=_STATUS_STYLE[text],
+            message=str(r.get("message", "")),
+            running=False,
+        )
+        self._t0 = None
 
     def _add_cost(self, iteration: int, cost: float) -> None:
         """Keep iterations on the stride (doubling it past ``MAX_POINTS``) plus the newest one."""

@@ -557,7 +557,7 @@ def _run(
     ``x0`` when ``carry`` is None.
     """
     loop = _loop_constants(problem, vectors, scalars, data)
-    emitter = config.emitter
+    emitter: Any = config.emitter  # a Recorder whenever ``chunk`` is given
     if chunk is None or chunk[0] is None:
         state = _initial_state(problem, config, vectors, scalars, data)
     else:
