@@ -24,7 +24,7 @@ the records come back, one transfer per chunk.
   ends there with status -2 and the best parameters so far.
 * the last partial batch is the last chunk's records; the channel holds them back until the
   terminal event, so that a short fit reaches its watchers in one hand-off (``release``, and
-  ``_pipeline.HubChannel.finish``).
+  ``pipeline.HubChannel.finish``).
 
 ``verbose=0`` runs ``engine.solve``: one program, no emitter, no chunks.
 """
@@ -163,11 +163,11 @@ class Channel:
             self._sink(rows, received_at)
 
     def announce(self) -> None:
-        """Make the fit's start known now (see ``_pipeline.HubChannel``); a no-op here."""
+        """Make the fit's start known now (see ``pipeline.HubChannel``); a no-op here."""
 
     def dispatched(self) -> None:
         """The fit's first program is on its way: host work that need not precede it (the
-        watchers' setup, see ``_pipeline.HubChannel``) can overlap it now. A no-op here."""
+        watchers' setup, see ``pipeline.HubChannel``) can overlap it now. A no-op here."""
 
     def _k_for(self, per_trial: float) -> int:
         per_trial = max(per_trial, 1e-7)

@@ -1,4 +1,4 @@
-"""Stage three: a thread-safe hub fans batches of events out to per-subscriber memory streams.
+"""The stream stage's fan-out: a thread-safe hub hands batches of events to per-subscriber streams.
 
 Publishing happens on whatever thread has the events -- an XLA callback thread, the solver's
 worker thread, the caller's thread -- and never blocks: each subscriber gets one non-blocking

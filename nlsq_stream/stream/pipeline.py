@@ -99,7 +99,7 @@ def _ctrl_c_stops(channel: Channel) -> Iterator[None]:
     far) instead of raising at once; the KeyboardInterrupt is re-raised once the sinks drained.
     A second Ctrl-C raises at once. The fit runs in chunks of about 40 ms and the handler runs
     between them, so the stop is prompt. Another thread, or a handler that is not Python's
-    default, is left alone (``_emitter.run_chunks`` still turns a KeyboardInterrupt into a stop).
+    default, is left alone (``emitter.run_chunks`` still turns a KeyboardInterrupt into a stop).
     """
     if (
         threading.current_thread() is not threading.main_thread()
