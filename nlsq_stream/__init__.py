@@ -1,33 +1,35 @@
 """nlsq_stream: nonlinear least squares in JAX that you can watch while it runs.
 
-Data flows one way, one module per stage: the model and data become a compiled problem
-(``_least_squares``/``_curve_fit``), the whole iteration loop runs on the device (``_engine``), its
-per-iteration records leave the device in batches (``_emitter``), a thread-safe hub fans them out
-(``_hub``) to one memory stream per subscriber, and sinks consume those streams (``sinks``). The
-solver never waits for the watchers.
+Data flows one way, and the folders are its stages: the model and data become a compiled problem
+whose whole iteration loop runs on the device (``solver/``); a watched fit's per-iteration
+records leave the device in batches, become events, and a thread-safe hub fans them out to one
+memory stream per subscriber (``stream/``); sinks consume those streams (``sinks/``). The public
+calls (``faces/``) sit on top and drive the stages; ``events`` is the vocabulary the stream and
+the sinks share. Imports only go down the flow (``tests/test_layout.py`` enforces it), and the
+solver never waits for the watchers. See ``docs/architecture.rst``.
 """
 
 from . import async_logger as async_logger
 from . import events as events
 from . import sinks as sinks
-from ._curve_fit import curve_fit as curve_fit
-from ._least_squares import least_squares as least_squares
-from ._pipeline import FitError as FitError
-from ._pipeline import SinkError as SinkError
-from ._pipeline import stop_fit as stop_fit
+from ._control import stop_fit as stop_fit
+from ._exceptions import FitError as FitError
+from ._exceptions import SinkError as SinkError
 from ._result import OptimizeResult as OptimizeResult
 from ._result import OptimizeWarning as OptimizeWarning
-from ._stream import FitStream as FitStream
-from ._stream import fit_stream as fit_stream
-from ._stream import least_squares_stream as least_squares_stream
-from ._stream import subscribe as subscribe
 from .events import FitFailed as FitFailed
 from .events import FitFinished as FitFinished
 from .events import FitStarted as FitStarted
 from .events import Iteration as Iteration
+from .faces.streaming import fit_stream as fit_stream
+from .faces.streaming import least_squares_stream as least_squares_stream
+from .faces.sync import curve_fit as curve_fit
+from .faces.sync import least_squares as least_squares
 from .replay import ReplayWarning as ReplayWarning
 from .replay import iter_events as iter_events
 from .replay import replay as replay
+from .stream.fit_stream import FitStream as FitStream
+from .stream.fit_stream import subscribe as subscribe
 
 __all__ = [
     "FitError",

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._hub import HUB, Batch
 from .events import FitFinished, Iteration
+from .stream.hub import HUB, Batch
 
 __all__ = ["FIT_ID", "is_jax_array", "log_convergence_async", "log_iteration_async", "logger"]
 

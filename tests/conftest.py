@@ -14,7 +14,7 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-from nlsq_stream._stream import _SinkLoop
+from nlsq_stream.stream.runner import _SinkLoop
 
 jax.config.update("jax_enable_x64", True)
 

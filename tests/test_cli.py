@@ -113,7 +113,7 @@ def test_bench_emit_quick_small() -> None:
 
 
 def test_ratio_interval_brackets_the_ratio_and_widens_with_noise() -> None:
-    from nlsq_stream._bench import ratio_interval
+    from nlsq_stream.benchmarks.common import ratio_interval
 
     rng = np.random.default_rng(0)
     base = 1.0 + 0.01 * rng.standard_normal(200)

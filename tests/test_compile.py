@@ -137,41 +137,42 @@ def test_float32_least_squares(method):
 def test_solver_programs_use_the_cpu_compiler_options():
     """On CPU the solver is compiled with the classic emitters (half the compile time); the
     option reaches XLA, which rejects an option it does not know (see the next test)."""
-    from nlsq_stream import _engine
+    from nlsq_stream.solver import engine
 
     if jax.default_backend() != "cpu":
         pytest.skip("the compiler options are CPU-only")
-    options = _engine.compiler_options()
+    options = engine.compiler_options()
     if options is None:
-        pytest.skip(f"jax {jax.__version__} does not know {_engine._CPU_COMPILER_OPTIONS}")
-    assert options == _engine._CPU_COMPILER_OPTIONS
+        pytest.skip(f"jax {jax.__version__} does not know {engine._CPU_COMPILER_OPTIONS}")
+    assert options == engine._CPU_COMPILER_OPTIONS
     x, y, p0 = data(3, m=M + 2)
     popt, _ = curve_fit(model, x, y, p0=p0)
     assert np.all(np.isfinite(popt))
 
 
 def test_an_unknown_compiler_option_falls_back_to_xla_defaults(monkeypatch):
-    from nlsq_stream import _engine
+    from nlsq_stream.solver import engine
 
     if jax.default_backend() != "cpu":
         pytest.skip("the compiler options are CPU-only")
     bogus = {"xla_cpu_no_such_option_for_this_test": True}
     with pytest.raises(Exception, match="xla_cpu_no_such_option_for_this_test"):
         jax.jit(lambda v: v * 2, compiler_options=bogus).lower(np.zeros(2)).compile()
-    monkeypatch.setattr(_engine, "_CPU_COMPILER_OPTIONS", bogus)
-    _engine.compiler_options.cache_clear()
+    monkeypatch.setattr(engine, "_CPU_COMPILER_OPTIONS", bogus)
+    engine.compiler_options.cache_clear()
     try:
-        assert _engine.compiler_options() is None
+        assert engine.compiler_options() is None
     finally:
-        _engine.compiler_options.cache_clear()
+        engine.compiler_options.cache_clear()
 
 
 def test_heap_limit_only_where_every_buffer_fits():
     """Heaps of at most 31 MiB (temporaries malloc recycles) are asked for only where the
     largest buffer fits in one: else XLA would warn about each buffer that does not."""
-    from nlsq_stream import _curve_fit, _engine
+    from nlsq_stream.solver import curve_fit as solver_curve_fit
+    from nlsq_stream.solver import engine
 
-    if _engine.compiler_options() is None:
+    if engine.compiler_options() is None:
         pytest.skip("the heap limit is a CPU compiler option")
 
     def wide(x, a, b, c):
@@ -181,10 +182,10 @@ def test_heap_limit_only_where_every_buffer_fits():
 
     def limit(f, m):
         x = np.linspace(0.0, 5.0, m)
-        prep = _curve_fit.prepare_curve_fit(f, x, np.zeros(m), p0=[1.0, 1.0, 0.0])
-        return _engine.heap_limit(prep.problem, prep.x0, prep.data, prep.n_residuals)
+        prep = solver_curve_fit.prepare_curve_fit(f, x, np.zeros(m), p0=[1.0, 1.0, 0.0])
+        return engine.heap_limit(prep.problem, prep.x0, prep.data, prep.n_residuals)
 
-    assert limit(model, 1_000_000) == _engine.MALLOC_RECYCLED  # [J f]: 30.6 MiB
+    assert limit(model, 1_000_000) == engine.MALLOC_RECYCLED  # [J f]: 30.6 MiB
     assert limit(wide, 1_000_000) == 0
     assert limit(model, 10_000) == 0  # small: one heap is small anyway
     assert limit(model, 4_000_000) == 0  # [J f] alone is over the limit
@@ -193,15 +194,15 @@ def test_heap_limit_only_where_every_buffer_fits():
 def test_program_cache_keeps_at_most_cache_size_problems(monkeypatch):
     # Programs are kept per (problem, config) in a bounded cache: the oldest goes first, and a
     # problem still in the cache compiles nothing when it comes back.
-    from nlsq_stream import _engine
+    from nlsq_stream.solver import engine
 
-    monkeypatch.setattr(_engine._Program, "CACHE_SIZE", 2)
-    monkeypatch.setattr(_engine.solve, "_bound", {})
+    monkeypatch.setattr(engine._Program, "CACHE_SIZE", 2)
+    monkeypatch.setattr(engine.solve, "_bound", {})
     models = [lambda x, a, b, c, k=k: a * jnp.exp(-b * x) + c + 0.0 * k for k in range(3)]
     x, y, p0 = data(5, m=35)
     fits = [curve_fit(f, x, y, p0=p0)[0] for f in models]
-    assert len(_engine.solve._bound) == 2
-    assert [key[0].model for key in _engine.solve._bound] == models[1:]
+    assert len(engine.solve._bound) == 2
+    assert [key[0].model for key in engine.solve._bound] == models[1:]
     with count_compiles() as compiles:
         again = curve_fit(models[2], x, y, p0=p0)[0]
     assert compiles == []

@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nlsq_stream import _curve_fit, _emitter, _engine
-from nlsq_stream._emitter import Channel, Emitter
-from nlsq_stream._pipeline import execute
+from nlsq_stream import curve_fit
+from nlsq_stream.solver import engine
+from nlsq_stream.solver.curve_fit import prepare_curve_fit
+from nlsq_stream.stream import emitter
+from nlsq_stream.stream.emitter import Channel, Emitter
+from nlsq_stream.stream.pipeline import execute
 
 
 def model(x, a, b):
@@ -27,7 +30,7 @@ def _prep(verbose=2, **kw):
     kw.setdefault("ftol", 1e-15)
     kw.setdefault("xtol", 1e-15)
     kw.setdefault("gtol", 1e-15)
-    return _curve_fit.prepare_curve_fit(model, x, y, p0=[0.01, -2.0], verbose=verbose, **kw)
+    return prepare_curve_fit(model, x, y, p0=[0.01, -2.0], verbose=verbose, **kw)
 
 
 def _lowered_texts():
@@ -35,13 +38,13 @@ def _lowered_texts():
     prep = _prep()
     vectors = np.stack([prep.x0, prep.lb, prep.ub, prep.x_scale])
     scalars = np.array([*prep.tols, prep.f_scale, prep.max_nfev])
-    quiet = _engine.Config(**prep.config_kw)
-    silent = _engine.solve.trace(prep.problem, quiet, vectors, scalars, prep.data)
-    watched = _engine.Config(**prep.config_kw, emitter=Emitter(2))
+    quiet = engine.Config(**prep.config_kw)
+    silent = engine.solve.trace(prep.problem, quiet, vectors, scalars, prep.data)
+    watched = engine.Config(**prep.config_kw, emitter=Emitter(2))
     k = np.int32(5)
-    start = _engine.first_chunk.trace(prep.problem, watched, vectors, scalars, prep.data, k)
-    carry, _ = _engine.first_chunk(prep.problem, watched, vectors, scalars, prep.data, k)
-    chunk = _engine.solve_chunk.trace(prep.problem, watched, vectors, scalars, prep.data, carry, k)
+    start = engine.first_chunk.trace(prep.problem, watched, vectors, scalars, prep.data, k)
+    carry, _ = engine.first_chunk(prep.problem, watched, vectors, scalars, prep.data, k)
+    chunk = engine.solve_chunk.trace(prep.problem, watched, vectors, scalars, prep.data, carry, k)
     return [p.lower().as_text() for p in (silent, start, chunk)]
 
 
@@ -84,12 +87,12 @@ def test_verbose_one_gates_every_tenth_on_device():
 def test_stop_request_ends_the_fit_with_status_minus_two():
     # With no per-trial estimate for this problem the first chunk is one trial, so a stop asked
     # before the start is seen after it (later fits start with a longer first chunk).
-    _emitter._PER_TRIAL.clear()
+    emitter._PER_TRIAL.clear()
     rows = []
     channel = Channel(lambda r, t: rows.append(r))
     channel.stop_requested.set()
     res = execute(_prep(), 2, channel)
-    assert res.status == _engine.STATUS_STOPPED and not res.success
+    assert res.status == engine.STATUS_STOPPED and not res.success
     assert np.all(np.isfinite(res.x))
     assert res.nit <= 1
 
@@ -105,7 +108,7 @@ def test_emission_on_large_arrays():
     """Large arrays (where XLA would run a host callback on its own threads) still deliver."""
     x = np.linspace(0, 4, 2_000_000)
     y = 3.0 * np.exp(-0.7 * x)
-    prep = _curve_fit.prepare_curve_fit(model, x, y, p0=[1.0, 1.0], verbose=2)
+    prep = prepare_curve_fit(model, x, y, p0=[1.0, 1.0], verbose=2)
     rows = []
     channel = Channel(lambda r, t: rows.append(r))
     res = execute(prep, 2, channel)
@@ -138,16 +141,16 @@ def test_without_fun_jac_the_fit_has_no_residual_sized_outputs(monkeypatch):
     scalars = np.array([*prep.tols, prep.f_scale, prep.max_nfev])
     m = prep.n_residuals
     for fun_jac, shapes in ((True, {(m,), (m, 2)}), (False, set())):
-        config = _engine.Config(**{**prep.config_kw, "fun_jac": fun_jac})
-        out = _engine.solve.trace(prep.problem, config, vectors, scalars, prep.data).out_info
+        config = engine.Config(**{**prep.config_kw, "fun_jac": fun_jac})
+        out = engine.solve.trace(prep.problem, config, vectors, scalars, prep.data).out_info
         assert {o.shape for o in (out.fun, out.jac) if o is not None} == shapes
     calls = []
-    real = _engine.fun_and_jac
-    monkeypatch.setattr(_engine, "fun_and_jac", lambda *a: calls.append(1) or real(*a))
+    real = engine.fun_and_jac
+    monkeypatch.setattr(engine, "fun_and_jac", lambda *a: calls.append(1) or real(*a))
     x, y = slow_problem()
-    popt, _ = _curve_fit.curve_fit(model, x, y, p0=[1.0, 0.5], verbose=2, sinks=[_null_sink])
+    popt, _ = curve_fit(model, x, y, p0=[1.0, 0.5], verbose=2, sinks=[_null_sink])
     assert calls == []
-    popt2, _, info, _, _ = _curve_fit.curve_fit(
+    popt2, _, info, _, _ = curve_fit(
         model, x, y, p0=[1.0, 0.5], verbose=2, sinks=[_null_sink], full_output=True
     )
     assert calls == [1]
@@ -164,13 +167,13 @@ def test_a_chunk_stretches_to_end_a_fit_expected_to_end_within_it(monkeypatch):
     last fit of the problem) runs them in one chunk, stretched to 80 ms (8 trials, the slack
     taking a trial or so more than expected); one expected to need 9 does not."""
     key = ("a problem", 1)
-    monkeypatch.setitem(_emitter._PER_TRIAL, key, 0.01)
+    monkeypatch.setitem(emitter._PER_TRIAL, key, 0.01)
     for expected, first in ((7, 8), (9, 4), (3, 8)):
-        monkeypatch.setitem(_emitter._TRIALS, key, expected)
+        monkeypatch.setitem(emitter._TRIALS, key, expected)
         channel = Channel(lambda rows, t: None, target_interval=0.04)
         assert channel.first_k(key) == first
     channel = Channel(lambda rows, t: None, target_interval=0.04)
-    monkeypatch.setitem(_emitter._TRIALS, key, 11)
+    monkeypatch.setitem(emitter._TRIALS, key, 11)
     assert channel.first_k(key) == 4  # 11 left: more than a stretched chunk
     channel._last -= 0.0396  # the first chunk took ~40 ms: 4 trials of ~10 ms
     k, stop = channel.on_chunk(4)

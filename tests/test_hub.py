@@ -21,8 +21,8 @@ from conftest import (
 )
 
 import nlsq_stream as ns
-from nlsq_stream._hub import HUB, Batch, Hub, Subscription, _scheduler, rows_to_iterations
 from nlsq_stream.events import FitFinished, FitStarted, Iteration
+from nlsq_stream.stream.hub import HUB, Batch, Hub, Subscription, _scheduler, rows_to_iterations
 
 pytestmark = pytest.mark.usefixtures("no_leftover_threads")
 

@@ -32,10 +32,9 @@ pytest.importorskip("ipywidgets", reason="the notebook extra is not installed")
 import comm
 
 import nlsq_stream as ns
-from nlsq_stream import notebook
 from nlsq_stream.events import FitFailed, FitFinished, FitStarted, Iteration
 from nlsq_stream.notebook import MAX_POINTS, FitWidget
-from nlsq_stream.sinks import ConsoleSink, default_display, in_notebook
+from nlsq_stream.sinks import ConsoleSink, default_display, in_notebook, widget
 
 X, Y, P0 = decay_data()
 LONG = slow_args(20_000)  # ~5000 iterations, about a second when not stopped
@@ -136,7 +135,7 @@ async def test_user_text_is_kept_verbatim(anyio_backend):
     w = FitWidget(auto_display=False)
     await w.send_batch([started(names=(XSS, "b"), model=XSS), finished(message=XSS)])
     assert w.param_names == [XSS, "b"] and w.model_name == XSS and w.message == XSS
-    js = (Path(notebook.__file__).parent / "_static" / "fit_widget.js").read_text()
+    js = (Path(widget.__file__).parent / "_static" / "fit_widget.js").read_text()
     code = "\n".join(line for line in js.splitlines() if not line.lstrip().startswith("//"))
     assert "innerHTML" not in code and "outerHTML" not in code and "insertAdjacentHTML" not in code
 
@@ -340,24 +339,25 @@ def test_notebook_detection(monkeypatch, module, expected):
 
 def test_in_a_kernel_without_the_notebook_extra_the_console_table_is_used(monkeypatch):
     monkeypatch.setitem(sys.modules, "IPython", fake_ipython())
-    monkeypatch.setitem(sys.modules, "nlsq_stream.notebook", None)  # import fails
+    monkeypatch.setitem(sys.modules, "nlsq_stream.sinks.widget", None)  # import fails
     assert isinstance(default_display(), ConsoleSink)
 
 
 def test_verbose_in_a_notebook_shows_the_widget(monkeypatch):
-    from nlsq_stream._pipeline import with_display
+    from nlsq_stream.stream.pipeline import with_display
 
     monkeypatch.setitem(sys.modules, "IPython", fake_ipython())
-    (display,) = with_display([], verbose=2)
+    (display,) = with_display([], 2, default_display)
     assert isinstance(display, FitWidget)
     given = FitWidget(auto_display=False)
-    assert with_display([given], verbose=2) == [given]  # not a second one
+    assert with_display([given], 2, default_display) == [given]  # not a second one
 
 
 def test_importing_the_package_does_not_import_the_widget_stack():
     code = (
         "import sys, nlsq_stream, nlsq_stream.sinks; "
-        "print(sorted(m for m in ('anywidget', 'ipywidgets', 'IPython', 'nlsq_stream.notebook') "
+        "print(sorted(m for m in ('anywidget', 'ipywidgets', 'IPython', 'nlsq_stream.notebook', "
+        "'nlsq_stream.sinks.widget') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

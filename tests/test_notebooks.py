@@ -142,7 +142,7 @@ def test_stop_message_stops_a_fit_while_its_cell_runs(kernel_env, face):
             kind, content = msg["msg_type"], msg["content"]
             if kind == "comm_open":
                 state = content["data"].get("state", {})
-                if state.get("_anywidget_id") == "nlsq_stream.notebook.FitWidget":
+                if state.get("_anywidget_id") == "nlsq_stream.sinks.widget.FitWidget":
                     comm_id = content["comm_id"]
             elif kind == "comm_msg" and content["comm_id"] == comm_id and sent_at is None:
                 state = content["data"].get("state", {})

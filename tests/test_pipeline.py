@@ -84,11 +84,12 @@ def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, no_leftov
     sets the watchers up, before it compiles."""
     import io
 
-    from nlsq_stream import _emitter, _engine, _stream
     from nlsq_stream.sinks import ConsoleSink
+    from nlsq_stream.solver import engine
+    from nlsq_stream.stream import emitter, runner
 
     order: list[str] = []
-    first_chunk, enter = _engine.first_chunk, _stream.SinkRunner.__enter__
+    first_chunk, enter = engine.first_chunk, runner.SinkRunner.__enter__
 
     def dispatch(*args, **kwargs):
         order.append("dispatch")
@@ -98,8 +99,8 @@ def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, no_leftov
         order.append("watchers")
         return enter(self)
 
-    monkeypatch.setattr(_engine, "first_chunk", dispatch)
-    monkeypatch.setattr(_stream.SinkRunner, "__enter__", entered)
+    monkeypatch.setattr(engine, "first_chunk", dispatch)
+    monkeypatch.setattr(runner.SinkRunner, "__enter__", entered)
 
     def fit(x):
         out = io.StringIO()
@@ -107,7 +108,7 @@ def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, no_leftov
         return out.getvalue()
 
     x = np.linspace(0, 5, 321)  # a size no other test uses: the first fit is a new problem
-    monkeypatch.setattr(_emitter, "_PER_TRIAL", type(_emitter._PER_TRIAL)())
+    monkeypatch.setattr(emitter, "_PER_TRIAL", type(emitter._PER_TRIAL)())
     first = fit(x)
     assert order[:2] == ["watchers", "dispatch"]  # new: the start is shown before compiling
     fit(x)  # this fit is short (two trials, one per chunk): its per-trial time is known now
@@ -121,12 +122,12 @@ def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, no_leftov
 def test_a_failing_watcher_setup_is_raised_and_leaves_nothing_behind(
     monkeypatch, no_leftover_threads
 ):
-    from nlsq_stream import _stream
     from nlsq_stream.sinks import ConsoleSink
+    from nlsq_stream.stream import runner
 
     def broken(self):
         raise OSError("no loop for the sinks")
 
-    monkeypatch.setattr(_stream.SinkRunner, "__enter__", broken)
+    monkeypatch.setattr(runner.SinkRunner, "__enter__", broken)
     with pytest.raises(OSError, match="no loop for the sinks"):
         curve_fit(model, X, Y, p0=[1.0, 1.0, 0.0], sinks=[ConsoleSink()])

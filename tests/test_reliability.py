@@ -649,9 +649,9 @@ SOAK_SCRIPT = textwrap.dedent(
     r"""
     import json, os, sys, threading, time
     import numpy as np
-    from nlsq_stream._hub import HUB, Batch
-    from nlsq_stream._pipeline import hub_channel
-    from nlsq_stream._stream import SinkRunner
+    from nlsq_stream.stream.hub import HUB, Batch
+    from nlsq_stream.stream.pipeline import hub_channel
+    from nlsq_stream.stream.runner import SinkRunner
     from nlsq_stream.events import FitFinished, FitStarted
     from nlsq_stream.sinks import JsonlSink
 

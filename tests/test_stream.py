@@ -22,9 +22,9 @@ from conftest import (
 )
 
 import nlsq_stream as ns
-from nlsq_stream._hub import HUB
-from nlsq_stream._stream import _SinkLoop
 from nlsq_stream.events import FitFailed, FitFinished, FitStarted, Iteration
+from nlsq_stream.stream.hub import HUB
+from nlsq_stream.stream.runner import _SinkLoop
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_leftover_threads")]
 

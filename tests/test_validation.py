@@ -251,7 +251,7 @@ def test_ls_lower_bound_not_below_upper():
 def test_all_finite_answers_exactly_and_silently(values, dtype, finite):
     import warnings
 
-    from nlsq_stream._validate import all_finite
+    from nlsq_stream.solver.validate import all_finite
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow or invalid-value RuntimeWarning leaks out
@@ -268,7 +268,7 @@ def test_p0_not_finite_any_size(n):
 
 
 def test_default_bounds_are_shared_read_only_arrays():
-    from nlsq_stream._validate import prepare_bounds
+    from nlsq_stream.solver.validate import prepare_bounds
 
     lb, ub = prepare_bounds((-np.inf, np.inf), 3, np.dtype(np.float64))
     assert prepare_bounds((-np.inf, np.inf), 3, np.dtype(np.float64))[0] is lb

@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from ..faces.sync import curve_fit
+from ..sinks import ConsoleSink, JsonlSink
 
 DEFAULT_LOG = "nlsq_stream_demo.jsonl"
 DEFAULT_POINTS = 100_000
@@ -88,8 +92,6 @@ def spectrum(
     wid5: Any,
 ) -> Any:
     """Linear baseline plus Gaussian (peaks 1, 3, 5) and Lorentzian (2, 4) peaks, in jax.numpy."""
-    import jax.numpy as jnp
-
     baseline = (offset, slope)
     peaks = (amp1, cen1, wid1, amp2, cen2, wid2, amp3, cen3, wid3, amp4, cen4, wid4)
     return _evaluate(jnp, x, (*baseline, *peaks, amp5, cen5, wid5))
@@ -109,9 +111,6 @@ def run_demo(
     out: IO[str] | None = None,
 ) -> int:
     """Fit the spectrum with the live table on stdout and a JSONL log; return an exit code."""
-    from . import curve_fit
-    from .sinks import ConsoleSink, JsonlSink
-
     out = out if out is not None else sys.stdout
     if points < 10 * P0.size:
         print(f"--points must be at least {10 * P0.size}, got {points}", file=sys.stderr)

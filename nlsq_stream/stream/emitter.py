@@ -3,8 +3,8 @@
 A host callback from inside a compiled loop costs ~80 µs here (more than a whole iteration of a
 small fit), and a program that contains one is dispatched through JAX's slow Python path and runs
 its callbacks on XLA's threads. So a watched fit contains no callback at all: it runs as a
-sequence of *chunks*. Each chunk is one call of the compiled loop (``_engine.first_chunk``, then
-``_engine.solve_chunk``) that runs at most ``k`` trials (loop iterations), writing each
+sequence of *chunks*. Each chunk is one call of the compiled loop (``engine.first_chunk``, then
+``engine.solve_chunk``) that runs at most ``k`` trials (loop iterations), writing each
 iteration's record into a device-side buffer, gated on the device (``level`` 1: every 10th
 iteration and the last; 2: every one). The loop state stays on the device between chunks; only
 the records come back, one transfer per chunk.
@@ -24,9 +24,9 @@ the records come back, one transfer per chunk.
   ends there with status -2 and the best parameters so far.
 * the last partial batch is the last chunk's records; the channel holds them back until the
   terminal event, so that a short fit reaches its watchers in one hand-off (``release``, and
-  ``_pipeline.HubChannel.finish``).
+  ``pipeline.HubChannel.finish``).
 
-``verbose=0`` runs ``_engine.solve``: one program, no emitter, no chunks.
+``verbose=0`` runs ``engine.solve``: one program, no emitter, no chunks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from . import _engine
+from ..solver import engine
 
 TARGET_INTERVAL = 0.04  # seconds of fit time per chunk (latency budget: 100 ms)
 TAIL = 2.0  # a chunk stretches this far to end a fit expected to end within it (80 ms)
@@ -163,11 +163,11 @@ class Channel:
             self._sink(rows, received_at)
 
     def announce(self) -> None:
-        """Make the fit's start known now (see ``_pipeline.HubChannel``); a no-op here."""
+        """Make the fit's start known now (see ``pipeline.HubChannel``); a no-op here."""
 
     def dispatched(self) -> None:
         """The fit's first program is on its way: host work that need not precede it (the
-        watchers' setup, see ``_pipeline.HubChannel``) can overlap it now. A no-op here."""
+        watchers' setup, see ``pipeline.HubChannel``) can overlap it now. A no-op here."""
 
     def _k_for(self, per_trial: float) -> int:
         per_trial = max(per_trial, 1e-7)
@@ -237,7 +237,7 @@ def _remember(cache: collections.OrderedDict[Any, Any], key: Any, value: Any) ->
 def run_chunks(
     channel: Channel,
     problem: Any,
-    config: _engine.Config,
+    config: engine.Config,
     vectors: np.ndarray,
     scalars: np.ndarray,
     data: Any,
@@ -245,7 +245,7 @@ def run_chunks(
 ) -> tuple[dict[str, Any], Any, Any]:
     """Run a watched fit chunk by chunk, handing each chunk's records to ``channel``.
 
-    Returns the results as ``_engine.unpack`` gives them (status -2 when stopped) and the final
+    Returns the results as ``engine.unpack`` gives them (status -2 when stopped) and the final
     ``fun`` and ``jac``, dispatched but not waited for. Ctrl-C that reaches this thread as
     KeyboardInterrupt stops the fit like ``stream.stop()``.
     """
@@ -255,19 +255,19 @@ def run_chunks(
     # long a trial takes. Chunks run one after the other: queueing the next chunk behind one not
     # yet finished (so that the device never waits for the host) left a fit waiting forever on
     # an XLA future (stopped fits, about 1 in 17 in one run here; jax 0.10.2, CPU): not done.
-    flat, packed = _engine.first_chunk(problem, config, vectors, scalars, data, np.int32(k or 1))
+    flat, packed = engine.first_chunk(problem, config, vectors, scalars, data, np.int32(k or 1))
     channel.dispatched()
     v: dict[str, Any] | None = None
     current = np.zeros(0)
     try:
         while True:
-            v, rows, trials, current = _engine.unpack_chunk(_engine.fetch(packed), n)
-            running = v["status"] == _engine.RUNNING
+            v, rows, trials, current = engine.unpack_chunk(engine.fetch(packed), n)
+            running = v["status"] == engine.RUNNING
             k, stop = channel.on_chunk(trials)
             if running and not stop:
                 # The next chunk goes first: the sinks' work on these rows (in their thread,
                 # under the GIL) then overlaps the device's, instead of delaying its dispatch.
-                flat, packed = _engine.solve_chunk(
+                flat, packed = engine.solve_chunk(
                     problem, config, vectors, scalars, data, flat, np.int32(k)
                 )
             channel.deliver(np.asarray(rows, np.float64), last=not running)
@@ -279,12 +279,12 @@ def run_chunks(
         channel.on_keyboard_interrupt(e)
     if v["status"] > 0:  # converged: a fit cut short by max_nfev or a stop predicts nothing
         channel.remember_trials(int(v["nfev"]) - 1)  # a trial is one evaluation after the first
-    if v["status"] == _engine.RUNNING:  # stopped between chunks
-        v["status"] = _engine.STATUS_STOPPED
+    if v["status"] == engine.RUNNING:  # stopped between chunks
+        v["status"] = engine.STATUS_STOPPED
         # The iteration the fit stopped at is reported even where level 1 skipped it.
         if int(current[0]) > channel.last_iteration:
             channel.on_rows(np.asarray(current[None, :], np.float64), 0, last=True)
     if not config.fun_jac:
         return v, None, None
-    fun, jac = _engine.fun_and_jac(problem, config, v["x"], scalars, data)
+    fun, jac = engine.fun_and_jac(problem, config, v["x"], scalars, data)
     return v, fun, jac

@@ -10,6 +10,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import jax
+
+from ..benchmarks import BenchOptions, run_bench
+from ..events import FitFailed, FitFinished, FitStarted
+from ..replay import iter_events
+from ..sinks import ConsoleSink
+from .demo import run_demo
+
 BENCHES = ("solver", "emit", "stop", "slow", "all")
 
 
@@ -103,9 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _replay(path: str) -> int:
     """Print the console table of every event in ``path``; bad lines warn on stderr."""
-    from .replay import iter_events
-    from .sinks import ConsoleSink
-
     sink = ConsoleSink(file=sys.stdout)
     lines = [line for ev in iter_events(path) for line in sink.format(ev)]
     if lines:
@@ -115,9 +120,6 @@ def _replay(path: str) -> int:
 
 def _summary(path: str) -> int:
     """One block per fit in ``path``: id, method, status, message, nfev, cost, parameters."""
-    from .events import FitFailed, FitFinished, FitStarted
-    from .replay import iter_events
-
     started: dict[str, FitStarted] = {}
     seen = 0
     for ev in iter_events(path):
@@ -148,8 +150,6 @@ def _summary(path: str) -> int:
 
 
 def _enable_x64() -> None:
-    import jax
-
     jax.config.update("jax_enable_x64", True)
 
 
@@ -164,14 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     _enable_x64()
     if args.command == "demo":
-        from ._demo import run_demo
-
         return run_demo(log=args.log, points=args.points)
-    from ._bench import BenchOptions, run_bench
-
     opts = BenchOptions(quick=args.quick, repeats=args.repeats, sizes=args.sizes)
     return run_bench(args.which, opts)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

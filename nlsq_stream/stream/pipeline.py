@@ -1,17 +1,15 @@
-"""Runs a validated fit: silently, or watched through emitter -> hub -> sinks (the sync face).
+"""Runs a validated fit watched: emitter -> hub -> sinks (the sync face's machinery).
 
-``PreparedFit`` is what validation produces; ``execute`` runs it on the device (with an emission
-channel when watched); ``run_sync`` is what ``curve_fit(..., verbose=2)`` and
+``execute`` runs a :class:`~nlsq_stream.solver.fit.PreparedFit` on the device, with an emission
+channel when watched; ``run_sync`` is what ``curve_fit(..., verbose=2)`` and
 ``least_squares(..., sinks=[...])`` use: the sinks run in a shared background event loop (see
-``_stream._SinkLoop``), the fit runs in the calling thread, and the call returns only after every
+``runner._SinkLoop``), the fit runs in the calling thread, and the call returns only after every
 sink has drained. It works inside Jupyter too, where the caller's thread already runs an event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import signal
 import threading
 import time
@@ -23,11 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from . import _engine
-from ._emitter import Channel, Emitter
-from ._hub import HUB, Batch
-from ._result import OptimizeResult
-from .events import Event, FitFailed, FitFinished, FitStarted
+from .. import _control
+from .._exceptions import SinkError
+from .._result import OptimizeResult
+from ..events import Event, FitFailed, FitFinished, FitStarted
+from ..solver import fit as solver_fit
+from ..solver.fit import PreparedFit
+from .emitter import Channel, Emitter, run_chunks
+from .hub import HUB, Batch
+from .runner import SinkRunner
 
 try:  # signal's C module: the same handlers, without signal's enum conversion (an exception each)
     import _signal as _raw_signal
@@ -35,46 +37,19 @@ except ImportError:  # pragma: no cover - not CPython
     _raw_signal = signal
 
 
-class SinkError(RuntimeWarning):
-    """A sink raised; it was detached and the fit and the other sinks went on."""
-
-
-class FitError(RuntimeError):
-    """The fit itself raised (for example the model failed); ``__cause__`` is the original."""
-
-
-@dataclasses.dataclass
-class PreparedFit:
-    """A fit whose arguments passed validation: everything ``execute`` needs, nothing started."""
-
-    problem: Any
-    config_kw: dict[str, Any]
-    x0: np.ndarray
-    lb: np.ndarray
-    ub: np.ndarray
-    data: Any
-    x_scale: np.ndarray
-    tols: tuple[float, float, float]
-    f_scale: float
-    max_nfev: int
-    verbose: int
-    sinks: list[Any]
-    n_residuals: int
-    param_names: tuple[str, ...]
-    finalize: Callable[[OptimizeResult], None] | None = None
-
-    def started_event(self, fit_id: str) -> FitStarted:
-        return FitStarted(
-            fit_id=fit_id,
-            method=self.config_kw["method"],
-            n_params=int(self.x0.size),
-            n_residuals=self.n_residuals,
-            param_names=self.param_names,
-            x0=np.asarray(self.x0, dtype=np.float64),
-            time=time.time(),
-            max_nfev=int(self.max_nfev),
-            model=model_name(self.problem),
-        )
+def started_event(prep: PreparedFit, fit_id: str) -> FitStarted:
+    """The FitStarted event of ``prep`` run as ``fit_id``."""
+    return FitStarted(
+        fit_id=fit_id,
+        method=prep.config_kw["method"],
+        n_params=int(prep.x0.size),
+        n_residuals=prep.n_residuals,
+        param_names=prep.param_names,
+        x0=np.asarray(prep.x0, dtype=np.float64),
+        time=time.time(),
+        max_nfev=int(prep.max_nfev),
+        model=model_name(prep.problem),
+    )
 
 
 def model_name(problem: Any) -> str | None:
@@ -106,39 +81,16 @@ def result_summary(res: OptimizeResult) -> dict[str, Any]:
 
 
 def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -> OptimizeResult:
-    """Run the fit on the device; with ``level`` > 0 records flow through ``channel``."""
-    run = _run_fit()
-    heap = _engine.heap_limit(prep.problem, prep.x0, prep.data, prep.n_residuals)
+    """Run the fit on the device; with ``level`` > 0 its records flow through ``channel`` (the fit
+    runs in chunks, see ``emitter.run_chunks``), else it is the solver's one silent program."""
     if level == 0 or channel is None:
-        config = _engine.Config(**prep.config_kw, heap=heap)
-        res = run(
-            prep.problem,
-            config,
-            prep.x0,
-            prep.lb,
-            prep.ub,
-            prep.data,
-            prep.x_scale,
-            prep.tols,
-            prep.f_scale,
-            prep.max_nfev,
-        )
-    else:
-        config = _engine.Config(**prep.config_kw, emitter=Emitter(level), heap=heap)
-        key = (prep.problem, config, prep.x0.shape, prep.n_residuals, prep.x0.dtype.str)
-        args = (prep.problem, config, prep.x0, prep.lb, prep.ub, prep.data, prep.x_scale)
-        with _ctrl_c_stops(channel):
-            res = run(*args, prep.tols, prep.f_scale, prep.max_nfev, channel, key)
-    if prep.finalize is not None:
-        prep.finalize(res)
-    return res
-
-
-@functools.cache
-def _run_fit() -> Callable[..., OptimizeResult]:
-    from ._least_squares import run  # a cycle: _least_squares builds on this module
-
-    return run
+        return solver_fit.solve(prep)
+    config = prep.config(emitter=Emitter(level))
+    key = (prep.problem, config, prep.x0.shape, prep.n_residuals, prep.x0.dtype.str)
+    vectors, scalars, data = prep.inputs()
+    with _ctrl_c_stops(channel):
+        v, fun, jac = run_chunks(channel, prep.problem, config, vectors, scalars, data, key)
+    return prep.result(config, v, fun, jac)
 
 
 @contextlib.contextmanager
@@ -147,7 +99,7 @@ def _ctrl_c_stops(channel: Channel) -> Iterator[None]:
     far) instead of raising at once; the KeyboardInterrupt is re-raised once the sinks drained.
     A second Ctrl-C raises at once. The fit runs in chunks of about 40 ms and the handler runs
     between them, so the stop is prompt. Another thread, or a handler that is not Python's
-    default, is left alone (``_emitter.run_chunks`` still turns a KeyboardInterrupt into a stop).
+    default, is left alone (``emitter.run_chunks`` still turns a KeyboardInterrupt into a stop).
     """
     if (
         threading.current_thread() is not threading.main_thread()
@@ -220,7 +172,7 @@ class HubChannel(Channel):
         HUB.publish(Batch(self.fit_id, self._head(), rows=rows, time=t, tail=[terminal]))
 
 
-_LIVE: weakref.WeakValueDictionary[str, HubChannel] = weakref.WeakValueDictionary()
+_LIVE: weakref.WeakValueDictionary[str, HubChannel] = weakref.WeakValueDictionary()  # watched fits
 
 
 def hub_channel(
@@ -231,25 +183,8 @@ def hub_channel(
     """The channel of a watched fit (see :class:`HubChannel`), known to ``stop_fit``."""
     channel = HubChannel(fit_id, started, setup)
     _LIVE[fit_id] = channel
+    _control.register(fit_id, channel.stop_requested)
     return channel
-
-
-def stop_fit(fit_id: str) -> bool:
-    """Ask the watched fit ``fit_id`` to stop early; it ends with status -2 and its best parameters.
-
-    This is what a sink's Stop button calls (the fit id is in every event). Safe from any thread.
-    Returns False when no such fit is known (it finished, or was never watched).
-
-    >>> stop_fit("no-such-fit")
-    False
-    """
-    if not isinstance(fit_id, str):
-        raise TypeError(f"`fit_id` must be a str (an event's fit_id), got {type(fit_id).__name__}")
-    channel = _LIVE.get(fit_id)
-    if channel is None:
-        return False
-    channel.stop_requested.set()
-    return True
 
 
 def publish_terminal(fit_id: str, res: OptimizeResult | None, error: BaseException | None) -> None:
@@ -259,6 +194,7 @@ def publish_terminal(fit_id: str, res: OptimizeResult | None, error: BaseExcepti
     else:
         terminal = FitFailed(fit_id, type(error).__name__, describe(error), time.time())
     channel = _LIVE.pop(fit_id, None)
+    _control.unregister(fit_id)
     if channel is not None:
         channel.finish(terminal)
     else:
@@ -276,17 +212,19 @@ def describe(error: BaseException | None) -> str:
     return msg
 
 
-def with_display(sinks: Sequence[Any], verbose: int) -> list[Any]:
-    """``sinks`` plus, when ``verbose``, the default display (the console table, or the notebook
-    widget inside Jupyter), unless a sink of that kind is already given (e.g.
-    ``ConsoleSink(file=...)`` to send the table elsewhere)."""
-    out = list(sinks)
-    if verbose:
-        from .sinks import default_display
+Display = Callable[[], Any]  # makes the default display sink (``sinks.default_display``)
 
-        display = default_display()
-        if not any(_kind(s) is _kind(display) for s in out):
-            out.insert(0, display)
+
+def with_display(sinks: Sequence[Any], verbose: int, display: Display | None) -> list[Any]:
+    """``sinks`` plus, when ``verbose``, the sink ``display()`` makes (the console table, or the
+    notebook widget inside Jupyter), unless a sink of that kind is already given (e.g.
+    ``ConsoleSink(file=...)`` to send the table elsewhere). The face passes ``display`` in: the
+    stream stage knows no sink by name."""
+    out = list(sinks)
+    if verbose and display is not None:
+        shown = display()
+        if not any(_kind(s) is _kind(shown) for s in out):
+            out.insert(0, shown)
     return out
 
 
@@ -296,26 +234,27 @@ def _kind(sink: Any) -> type:
     return kind
 
 
-def run_sync(prep: PreparedFit) -> OptimizeResult:
+def run_sync(
+    prep: PreparedFit, sinks: Sequence[Any] = (), display: Display | None = None
+) -> OptimizeResult:
     """The sync face: silent when not watched, else the same pipeline ``fit_stream`` uses.
 
     The watchers (display, sinks, their subscriptions) are set up by the channel once the fit's
     first program is dispatched: that host work then overlaps the device's instead of delaying
     its start.
     """
-    if not prep.sinks and not prep.verbose:
+    if not sinks and not prep.verbose:
         return execute(prep)
-    from ._stream import SinkRunner
 
     level = prep.verbose or 2
     fit_id = new_fit_id()
     runners: list[SinkRunner] = []
 
     def setup() -> FitStarted:
-        runner = SinkRunner(with_display(prep.sinks, prep.verbose), fit_id)
+        runner = SinkRunner(with_display(sinks, prep.verbose, display), fit_id)
         runner.__enter__()
         runners.append(runner)
-        return prep.started_event(fit_id)
+        return started_event(prep, fit_id)
 
     channel = hub_channel(fit_id, setup=setup)
     res: OptimizeResult | None = None

@@ -1,4 +1,4 @@
-"""Stage three: a thread-safe hub fans batches of events out to per-subscriber memory streams.
+"""The stream stage's fan-out: a thread-safe hub hands batches of events to per-subscriber streams.
 
 Publishing happens on whatever thread has the events -- an XLA callback thread, the solver's
 worker thread, the caller's thread -- and never blocks: each subscriber gets one non-blocking
@@ -27,7 +27,7 @@ import anyio.lowlevel
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .events import TERMINAL, Event, Iteration
+from ..events import TERMINAL, Event, Iteration
 
 Policy = Literal["lossless", "latest"]
 LOSSLESS_WINDOW = 1024  # decoded events a lossless stream holds; the rest wait as raw batches

@@ -1,10 +1,14 @@
-"""``curve_fit``: scipy's model-fitting interface, built on ``least_squares``'s machinery."""
+"""``curve_fit``'s arguments, checked: a model and its data become a problem the engine runs.
+
+``prepare_curve_fit`` builds a :class:`~.fit.PreparedFit` whose result also carries ``popt`` and
+``pcov`` (scaled as scipy scales them); the public ``nlsq_stream.curve_fit`` (in ``faces``) runs
+it and returns scipy's tuple.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,13 +18,15 @@ import jax.scipy.linalg as jsl
 import numpy as np
 from jax import Array
 
-from . import _engine, _validate
-from ._engine import STATUS_STOPPED
-from ._least_squares import _strictly_feasible, output_shape
-from ._losses import LOSSES
-from ._pipeline import PreparedFit, check_sinks, run_sync
-from ._result import OptimizeResult, OptimizeWarning
+from .._result import OptimizeResult
+from . import engine, validate
+from .fit import PreparedFit
+from .least_squares import _strictly_feasible, output_shape
+from .losses import LOSSES
 
+# Keyword arguments curve_fit passes on to least_squares. ``sinks`` is taken by the public face
+# (``faces.sync``) before this module sees the call; it is listed so that the message for an
+# unknown keyword names every accepted one.
 _LS_KWARGS = ("ftol", "xtol", "gtol", "x_scale", "loss", "f_scale", "max_nfev", "verbose", "sinks")
 
 
@@ -53,7 +59,7 @@ class CurveFitProblem:
 
     def residual_and_jt(self, x: Array, data: Any) -> tuple[Array, Array]:
         if self.jac is None:
-            return _engine.forward_residual_and_jt(lambda p: self.residual(p, data), x)
+            return engine.forward_residual_and_jt(lambda p: self.residual(p, data), x)
         xdata, ydata, transform = data
         j = jnp.asarray(self.jac(xdata, *[x[i] for i in range(x.shape[0])]), x.dtype)
         j = self._weigh(j.reshape(ydata.shape[0], x.shape[0]), transform)
@@ -142,7 +148,7 @@ def _as_data_array(
             raise TypeError(f"`{name}` must hold real numbers, got dtype {host.dtype}")
         arr = host.astype(dtype, copy=False)
     if check_finite:
-        ok = _validate.all_finite(host) if host is not None else bool(jnp.all(jnp.isfinite(arr)))
+        ok = validate.all_finite(host) if host is not None else bool(jnp.all(jnp.isfinite(arr)))
         if not ok:
             raise _not_finite(name)
     return arr
@@ -161,7 +167,7 @@ def _check_finite_on_device(arrays: list[tuple[str, Any]]) -> None:
     """The NaN-and-inf check of every JAX array argument, as one device computation."""
     if not arrays:
         return
-    flags = _engine.fetch(_finite_flags(*[a for _, a in arrays]))
+    flags = engine.fetch(_finite_flags(*[a for _, a in arrays]))
     for (name, _), ok in zip(arrays, flags, strict=True):
         if not ok:
             raise _not_finite(name)
@@ -248,63 +254,6 @@ def covariance(
     return pcov, warn
 
 
-def curve_fit(
-    f: Callable[..., Any],
-    xdata: Any,
-    ydata: Any,
-    p0: Sequence[float] | np.ndarray | None = None,
-    sigma: Any = None,
-    absolute_sigma: bool = False,
-    check_finite: bool = True,
-    bounds: Any = (-np.inf, np.inf),
-    method: str | None = None,
-    jac: Callable[..., Any] | str | None = None,
-    full_output: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """Fit ``f(xdata, *params)`` to ``ydata``, like ``scipy.optimize.curve_fit``.
-
-    The model is written with ``jax.numpy``; its Jacobian comes from autodiff. Data and ``p0``
-    are traced, so repeated fits with the same model, shapes and options reuse one compiled solver.
-    Extra keyword arguments go to :func:`least_squares` (``ftol``, ``xtol``, ``gtol``,
-    ``x_scale``, ``loss``, ``f_scale``, ``max_nfev`` or ``maxfev``, ``verbose``, ``sinks``).
-
-    :returns: ``(popt, pcov)``, or ``(popt, pcov, infodict, mesg, ier)`` with ``full_output``.
-    :raises RuntimeError: if the fit did not converge (as scipy does).
-    :raises ValueError, TypeError: for bad arguments, before anything is compiled.
-
-    >>> import jax.numpy as jnp, numpy as np
-    >>> x = np.linspace(0, 4, 50)
-    >>> popt, pcov = curve_fit(lambda x, a, b: a * jnp.exp(-b * x), x, 3.0 * np.exp(-0.5 * x))
-    >>> np.round(popt, 6).tolist()
-    [3.0, 0.5]
-    """
-    prep = prepare_curve_fit(
-        f, xdata, ydata, p0, sigma, absolute_sigma, check_finite, bounds, method, jac, **kwargs
-    )
-    # fun and jac at the solution are part of the result only with full_output (fvec): without
-    # it the fit skips a final evaluation and its m-sized outputs (10 % of a 1e6-point fit).
-    prep.config_kw["fun_jac"] = bool(full_output)
-    res = run_sync(prep)
-    if res.status == STATUS_STOPPED:
-        warnings.warn(
-            "The fit was stopped before convergence; returning the best parameters so far",
-            OptimizeWarning,
-            stacklevel=2,
-        )
-    elif not res.success:
-        raise RuntimeError("Optimal parameters not found: " + res.message)
-    if res.pcov_warning:
-        warnings.warn(
-            "Covariance of the parameters could not be estimated", OptimizeWarning, stacklevel=2
-        )
-    popt, pcov = res.popt, res.pcov
-    if full_output:
-        infodict = {"nfev": res.nfev, "njev": res.njev, "nit": res.nit, "fvec": np.asarray(res.fun)}
-        return popt, pcov, infodict, res.message, res.status
-    return popt, pcov
-
-
 def prepare_curve_fit(
     f: Callable[..., Any],
     xdata: Any,
@@ -318,14 +267,70 @@ def prepare_curve_fit(
     jac: Callable[..., Any] | str | None = None,
     **kwargs: Any,
 ) -> PreparedFit:
-    """Validate ``curve_fit`` arguments (see there) into a :class:`PreparedFit`.
+    """Validate ``curve_fit`` arguments (see ``nlsq_stream.curve_fit``) into a
+    :class:`PreparedFit`; nothing is compiled or started.
 
     The result of running it carries ``popt``, ``pcov`` and ``pcov_warning`` besides scipy's
     least-squares fields.
     """
-    _validate.check_callable("f", f)
-    jac = _validate.check_jac(jac)
+    validate.check_callable("f", f)
+    jac = validate.check_jac(jac)
+    kwargs = _least_squares_kwargs(kwargs)
+    names = parameter_names(f)
+    n = _parameter_count(f, p0, names)
+    y, x, dtype = _data_arrays(xdata, ydata, p0, check_finite)
+    m = int(np.shape(y)[0])
+    lb, ub = validate.prepare_bounds(bounds, n, dtype)
+    has_bounds = validate.has_bounds(bounds, lb, ub)
+    p0a = (
+        _initialize_feasible(lb, ub).astype(dtype)
+        if p0 is None
+        else validate.check_x0("p0", p0, dtype)
+    )
+    method = _method(method, has_bounds, m, n)
+    if has_bounds:
+        validate.check_in_bounds("p0", p0a, lb, ub)
+    sigma_kind, transform = _prepare_sigma(sigma, m, dtype)
+    options = _solver_options(kwargs, method, n, dtype)
+    problem = CurveFitProblem(f, jac, sigma_kind)
+    data = (x, y, transform)
+    _check_model_output(problem, f, p0a, data, m, n)
+    if has_bounds:
+        p0a = _strictly_feasible(p0a, lb, ub)
+
+    def finalize(res: OptimizeResult) -> None:
+        pcov, warn = covariance(res, m, n, absolute_sigma)
+        res["popt"] = np.asarray(res.x)
+        res["pcov"] = pcov
+        res["pcov_warning"] = warn
+
+    xs = options.pop("x_scale")
+    return PreparedFit(
+        problem=problem,
+        config_kw=dict(
+            method=method,
+            loss=options.pop("loss"),
+            has_bounds=has_bounds,
+            jac_scale=isinstance(xs, str),
+        ),
+        x0=p0a,
+        lb=lb,
+        ub=ub,
+        data=data,
+        x_scale=np.ones(n, dtype) if isinstance(xs, str) else xs,
+        n_residuals=m,
+        param_names=tuple(names)
+        if names is not None and len(names) == n
+        else tuple(f"p{i}" for i in range(n)),
+        finalize=finalize,
+        **options,
+    )
+
+
+def _least_squares_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for least_squares, ``maxfev`` (scipy's ``leastsq`` name) renamed."""
     kwargs = dict(kwargs)
+    kwargs.pop("sinks", None)
     if "args" in kwargs:
         raise ValueError("`args` is not a supported keyword argument of curve_fit")
     if "maxfev" in kwargs:
@@ -338,28 +343,40 @@ def prepare_curve_fit(
             f"curve_fit() got unexpected keyword argument(s) {unknown}; "
             f"accepted: {list(_LS_KWARGS)}"
         )
-    names = parameter_names(f)
+    return kwargs
+
+
+def _parameter_count(f: Callable[..., Any], p0: Any, names: list[str] | None) -> int:
+    """How many parameters: ``p0``'s length (checked against the model's signature), else the
+    number of named parameters after ``x`` in the signature."""
     if p0 is None:
         if names is None:
             raise ValueError(
                 "`p0` is needed: the number of parameters cannot be read from the model's "
                 "signature (it needs f(x, a, b, ...) with named parameters)"
             )
-        n = len(names)
-    else:
-        n = len(p0) if type(p0) in (list, tuple) else np.atleast_1d(np.asarray(p0)).size
-        counts = _positional_counts(f)
-        if counts is not None and not counts[0] <= n <= counts[1]:
-            lo, hi = counts
-            want = str(lo) if lo == hi else f"between {lo} and {hi}"
-            raise ValueError(
-                f"`p0` has {n} values but the model f(x, ...) takes {want} parameters after x"
-            )
+        return len(names)
+    n = len(p0) if type(p0) in (list, tuple) else np.atleast_1d(np.asarray(p0)).size
+    counts = _positional_counts(f)
+    if counts is not None and not counts[0] <= n <= counts[1]:
+        lo, hi = counts
+        want = str(lo) if lo == hi else f"between {lo} and {hi}"
+        raise ValueError(
+            f"`p0` has {n} values but the model f(x, ...) takes {want} parameters after x"
+        )
+    return n
+
+
+def _data_arrays(
+    xdata: Any, ydata: Any, p0: Any, check_finite: bool
+) -> tuple[Any, Any, np.dtype[Any]]:
+    """``(ydata, xdata, dtype)`` checked: numbers, 1-D non-empty ``ydata``, matching lengths, and
+    (with ``check_finite``) no NaN or inf. The dtype is float64 unless the data are float32."""
     try:
         y_host = ydata if isinstance(ydata, jax.Array) else np.asarray(ydata)
     except (TypeError, ValueError) as e:
         raise TypeError(f"`ydata` must be an array of numbers, got {ydata!r:.60}") from e
-    dtype = _validate.float_dtype(y_host.dtype, *(() if p0 is None else (p0,)))
+    dtype = validate.float_dtype(y_host.dtype, *(() if p0 is None else (p0,)))
     on_device: list[tuple[str, Any]] = []
     y = _as_data_array("ydata", y_host, dtype, check_finite, on_device)
     if np.ndim(y) != 1:
@@ -369,15 +386,14 @@ def prepare_curve_fit(
         raise ValueError("`ydata` must not be empty")
     x = _check_xdata(xdata, m, dtype, check_finite, on_device)
     _check_finite_on_device(on_device)
-    lb, ub = _validate.prepare_bounds(bounds, n, dtype)
-    has_bounds = _validate.has_bounds(bounds, lb, ub)
-    if p0 is None:
-        p0a = _initialize_feasible(lb, ub).astype(dtype)
-    else:
-        p0a = _validate.check_x0("p0", p0, dtype)
+    return y, x, dtype
+
+
+def _method(method: str | None, has_bounds: bool, m: int, n: int) -> str:
+    """The method asked for, or scipy's default (``trf`` with bounds, else ``lm``), checked."""
     if method is None:
         method = "trf" if has_bounds else "lm"
-    method = _validate.check_method(method)
+    method = validate.check_method(method)
     if method == "lm" and has_bounds:
         raise ValueError(
             "`method`='lm' only works for unconstrained problems; use method='trf' with `bounds`"
@@ -387,62 +403,46 @@ def prepare_curve_fit(
             f"`method`='lm' needs at least as many data points as parameters: ydata has {m} "
             f"points for {n} parameters"
         )
-    if has_bounds:
-        _validate.check_in_bounds("p0", p0a, lb, ub)
-    sigma_kind, transform = _prepare_sigma(sigma, m, dtype)
-    loss = _validate.check_loss(kwargs.get("loss", "linear"), LOSSES)
+    return method
+
+
+def _solver_options(
+    kwargs: dict[str, Any], method: str, n: int, dtype: np.dtype[Any]
+) -> dict[str, Any]:
+    """``loss``, ``x_scale``, tolerances, ``f_scale``, ``max_nfev`` and ``verbose``, checked,
+    with scipy's curve_fit defaults (``x_scale='jac'`` and ``max_nfev=100 (n+1)`` for lm)."""
+    loss = validate.check_loss(kwargs.get("loss", "linear"), LOSSES)
     if method == "lm" and loss != "linear":
         raise ValueError(f"`loss`={loss!r} is not supported by `method`='lm'; use method='trf'")
-    x_scale = kwargs.get("x_scale", "jac" if method == "lm" else 1.0)
-    xs = _validate.check_x_scale(x_scale, n, dtype)
-    tols = _validate.check_tolerances(
+    x_scale = validate.check_x_scale(
+        kwargs.get("x_scale", "jac" if method == "lm" else 1.0), n, dtype
+    )
+    tols = validate.check_tolerances(
         kwargs.get("ftol", 1e-8), kwargs.get("xtol", 1e-8), kwargs.get("gtol", 1e-8), dtype
     )
-    f_scale = _validate.check_positive_scalar("f_scale", kwargs.get("f_scale", 1.0))
-    max_nfev = _validate.check_max_nfev(
-        kwargs.get("max_nfev"), 100 * (n + 1) if method == "lm" else 100 * n
+    return dict(
+        loss=loss,
+        x_scale=x_scale,
+        tols=tols,
+        f_scale=validate.check_positive_scalar("f_scale", kwargs.get("f_scale", 1.0)),
+        max_nfev=validate.check_max_nfev(
+            kwargs.get("max_nfev"), 100 * (n + 1) if method == "lm" else 100 * n
+        ),
+        verbose=validate.check_verbose(kwargs.get("verbose", 0)),
     )
-    verbose = _validate.check_verbose(kwargs.get("verbose", 0))
-    sinks = check_sinks(kwargs.get("sinks"))
-    problem = CurveFitProblem(f, jac, sigma_kind)
-    data = (x, y, transform)
+
+
+def _check_model_output(
+    problem: CurveFitProblem, f: Callable[..., Any], p0: np.ndarray, data: Any, m: int, n: int
+) -> None:
+    """The model must return one value per data point (found by tracing, not by running it)."""
 
     def model_out(p: Array, d: Any) -> Any:
         return f(d[0], *[p[i] for i in range(n)])
 
-    shape = output_shape(problem, p0a, data, model_out)
+    shape = output_shape(problem, p0, data, model_out)
     if shape != (m,):
         raise ValueError(
             f"`f` must return one value per data point, shape ({m},), but f(xdata, *p0) has "
             f"shape {shape}"
         )
-    if has_bounds:
-        p0a = _strictly_feasible(p0a, lb, ub)
-
-    def finalize(res: OptimizeResult) -> None:
-        pcov, warn = covariance(res, m, n, absolute_sigma)
-        res["popt"] = np.asarray(res.x)
-        res["pcov"] = pcov
-        res["pcov_warning"] = warn
-
-    return PreparedFit(
-        problem=problem,
-        config_kw=dict(
-            method=method, loss=loss, has_bounds=has_bounds, jac_scale=isinstance(xs, str)
-        ),
-        x0=p0a,
-        lb=lb,
-        ub=ub,
-        data=data,
-        x_scale=np.ones(n, dtype) if isinstance(xs, str) else xs,
-        tols=tols,
-        f_scale=f_scale,
-        max_nfev=max_nfev,
-        verbose=verbose,
-        sinks=sinks,
-        n_residuals=m,
-        param_names=tuple(names)
-        if names is not None and len(names) == n
-        else tuple(f"p{i}" for i in range(n)),
-        finalize=finalize,
-    )

@@ -2,7 +2,7 @@
 
 Stage one of the flow. Everything in a fit's iteration loop -- trust-region step, step acceptance,
 radius update, termination tests -- runs inside one compiled XLA program; the host sees the fit only
-when it ends (and, when logging is on, through batched records; see ``_emitter``).
+when it ends (and, when logging is on, through batched records; see ``nlsq_stream.stream.emitter``).
 
 Design notes
 ------------
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from . import _losses
-from ._trust_region import (
+from . import losses
+from .trust_region import (
     cl_scaling,
     make_strictly_feasible,
     quadratic,
@@ -51,6 +51,31 @@ class Problem(Protocol):
     def residual(self, x: Array, data: Any) -> Array: ...
 
     def residual_and_jt(self, x: Array, data: Any) -> tuple[Array, Array]: ...
+
+
+class Recorder(Protocol):
+    """What the loop calls to record iterations for a watcher: ``config.emitter`` (the stream
+    stage's ``Emitter``). Its state is carried in ``State.emit`` and must have ``buf``, ``filled``
+    and ``trials`` (a chunk returns them; see ``_chunk_outputs``). The solver knows no more of it.
+    """
+
+    def init(self, n: int, dtype: Any) -> Any: ...
+
+    def room(self, st: Any, k: Array) -> Array: ...
+
+    def record(
+        self,
+        st: Any,
+        nit: Array,
+        nfev: Array,
+        cost: Array,
+        reduction: Array,
+        step_norm: Array,
+        optimality: Array,
+        x: Array,
+        done: Array,
+        final: Array | None = None,
+    ) -> Any: ...
 
 
 def forward_residual_and_jt(fun: Callable[[Array], Array], x: Array) -> tuple[Array, Array]:
@@ -76,7 +101,9 @@ class Config:
     loss: str
     has_bounds: bool
     jac_scale: bool
-    emitter: Any = None  # a hashable _emitter.Emitter, or None: no host callback compiled at all
+    # What records iterations for a watcher: a hashable ``Recorder`` (``stream.emitter.Emitter``),
+    # or None: nothing is recorded and no record buffer is compiled at all.
+    emitter: Recorder | None = None
     fun_jac: bool = True  # compute ``fun`` and ``jac`` at the solution (curve_fit needs neither)
     heap: int = 0  # XLA's per-heap limit for temporaries (``heap_limit``); 0: XLA's default
 
@@ -333,7 +360,7 @@ def unpack(packed: np.ndarray, n: int) -> dict[str, Any]:
 def _evaluate(problem: Problem, config: Config, x: Array, data: Any, f_scale: Array) -> Evaluation:
     n = x.shape[0]
     f, jt = problem.residual_and_jt(x, data)
-    fs, jts = _losses.scale_residuals_and_jacobian(config.loss, f, jt, f_scale)
+    fs, jts = losses.scale_residuals_and_jacobian(config.loss, f, jt, f_scale)
     # Thin QR of [J f] (m x (n+1)): the last column of R is Q.T f, so Q is never formed.
     rf = thin_r(jnp.concatenate([jts, fs[None, :]], axis=0))
     r = rf[:n, :n]
@@ -343,7 +370,7 @@ def _evaluate(problem: Problem, config: Config, x: Array, data: Any, f_scale: Ar
         # by the fusion that writes [J f], so XLA keeps no separate m-sized copy of it.
         cost = 0.5 * jnp.sum(rf[:, n] ** 2)
     else:
-        cost = _losses.cost(config.loss, f, f_scale)
+        cost = losses.cost(config.loss, f, f_scale)
     finite = jnp.isfinite(cost) & jnp.all(jnp.isfinite(rf))
     return Evaluation(cost, r, qtf, finite)
 
@@ -471,6 +498,52 @@ def _initial_state(
     return state
 
 
+class Loop(NamedTuple):
+    """What every iteration reads and none changes: bounds, tolerances, budget, sizes."""
+
+    lb: Array
+    ub: Array
+    ftol: Array
+    xtol: Array
+    gtol: Array
+    f_scale: Array
+    max_nfev: Array
+    m: int  # residuals
+    dtype: Any
+
+
+class Trial(NamedTuple):
+    """One trial's outcome, as a method's step computes it, for ``_commit`` to act on."""
+
+    done: Array  # the trial ends an outer iteration (accepted, terminated or out of budget)
+    accept: Array
+    x_new: Array
+    ev: Evaluation
+    nfev: Array
+    delta: Array
+    alpha: Array
+    term: Array  # a termination status from the step's own tests, or RUNNING
+    reduction: Array
+    step_norm: Array
+    xnorm: Array
+
+
+def _loop_constants(problem: Problem, vectors: Array, scalars: Array, data: Any) -> Loop:
+    """Unpack the traced arguments once (``vectors``/``scalars`` as ``solve`` documents)."""
+    m = jax.eval_shape(lambda x: problem.residual(x, data), vectors[0]).shape[0]
+    return Loop(
+        lb=vectors[1],
+        ub=vectors[2],
+        ftol=scalars[0],
+        xtol=scalars[1],
+        gtol=scalars[2],
+        f_scale=scalars[3],
+        max_nfev=scalars[4].astype(jnp.int32),
+        m=m,
+        dtype=vectors.dtype,
+    )
+
+
 def _run(
     problem: Problem,
     config: Config,
@@ -483,20 +556,15 @@ def _run(
     when the record buffer fills up) from ``carry``, a state flattened by ``_flatten``, or from
     ``x0`` when ``carry`` is None.
     """
-    lb, ub = vectors[1], vectors[2]
-    ftol, xtol, gtol, f_scale = scalars[0], scalars[1], scalars[2], scalars[3]
-    max_nfev = scalars[4].astype(jnp.int32)
-    dtype = vectors.dtype
-    m = jax.eval_shape(lambda x: problem.residual(x, data), vectors[0]).shape[0]
-    emitter = config.emitter
+    loop = _loop_constants(problem, vectors, scalars, data)
+    emitter: Any = config.emitter  # a Recorder whenever ``chunk`` is given
     if chunk is None or chunk[0] is None:
         state = _initial_state(problem, config, vectors, scalars, data)
     else:
-        carry = chunk[0]
         # No ``lax.cond`` between starting and resuming here: a conditional that takes the data
         # as an operand copied it on every call (10 ms a chunk at 1e6 points, measured).
         unflatten = _flatten_spec(problem, config, vectors, scalars, data)
-        state = unflatten(carry)._replace(emit=emitter.init(vectors.shape[1], dtype))
+        state = unflatten(chunk[0])._replace(emit=emitter.init(vectors.shape[1], loop.dtype))
 
     def cond(st: State) -> Array:
         running = st.status == RUNNING
@@ -504,186 +572,188 @@ def _run(
             return running
         return running & emitter.room(st.emit, chunk[1])
 
-    def finish_iteration(
-        st: State,
-        done: Array,
-        accept: Array,
-        x_new: Array,
-        ev: Evaluation,
-        nfev: Array,
-        delta: Array,
-        alpha: Array,
-        term: Array,
-        reduction: Array,
-        step_norm: Array,
-        xnorm: Array,
-    ) -> State:
-        """Commit an accepted trial and, at the end of an outer iteration, test for convergence."""
-        x = jnp.where(accept, x_new, st.x)
-        cost = jnp.where(accept, ev.cost, st.cost)
-        r = jnp.where(accept, ev.r, st.r)
-        qtf = jnp.where(accept, ev.qtf, st.qtf)
-        g = r.T @ qtf
-        njev = st.njev + accept.astype(jnp.int32)
-        scale_inv = st.scale_inv
-        if config.jac_scale:
-            scale_inv = jnp.where(accept, jnp.maximum(scale_inv, _col_norms(ev.r)), scale_inv)
-        if config.method == "lm":
-            g_norm = jnp.max(jnp.abs(g))
-            converged = _lm_cosine(r, g, cost) <= gtol
-        else:
-            g_norm = _trf_gnorm(config, x, g, lb, ub)
-            converged = g_norm < gtol
-        status = jnp.where(
-            converged, 1, jnp.where(term != RUNNING, term, jnp.where(nfev >= max_nfev, 0, RUNNING))
-        )
-        status = jnp.where(done, status, RUNNING).astype(jnp.int32)
-        nit = st.nit + done.astype(jnp.int32)
-        reduction = jnp.where(done, jnp.where(accept, reduction, 0.0), st.reduction)
-        step_norm = jnp.where(done, jnp.where(accept, step_norm, 0.0), st.step_norm)
-        g_norm = jnp.where(done, g_norm, st.g_norm)
-        emit = st.emit
-        if emitter is not None:
-            emit = emitter.record(
-                emit, nit, nfev, cost, reduction, step_norm, g_norm, x, done, status != RUNNING
-            )
-        return State(
-            x=x,
-            cost=cost,
-            r=r,
-            qtf=qtf,
-            g=g,
-            scale_inv=scale_inv,
-            delta=delta,
-            alpha=alpha,
-            nfev=nfev,
-            njev=njev,
-            nit=nit,
-            status=status,
-            g_norm=g_norm,
-            reduction=reduction,
-            step_norm=step_norm,
-            xnorm=xnorm,
-            emit=emit,
-        )
+    step = _lm_step if config.method == "lm" else _trf_step
 
-    def trf_body(st: State) -> State:
-        x, g = st.x, st.g
-        scale = 1.0 / st.scale_inv
-        if config.has_bounds:
-            v, dv = cl_scaling(x, g, lb, ub)
-            v = jnp.where(dv != 0, v * st.scale_inv, v)
-            d = jnp.sqrt(v) * scale
-            diag_h = g * dv * scale
-        else:
-            d = scale
-            diag_h = jnp.zeros_like(x)
-        g_h = d * g
-        jh = st.r * d[None, :]
-        if config.has_bounds:
-            aug = jnp.concatenate([jh, jnp.diag(jnp.sqrt(diag_h))], axis=0)
-            u_rhs = jnp.concatenate([st.qtf, jnp.zeros_like(st.qtf)])
-        else:
-            aug, u_rhs = jh, st.qtf
-        u, s, vt = jnp.linalg.svd(aug, full_matrices=False)
-        p_h, alpha = solve_subproblem(u.T @ u_rhs, s, vt.T, st.delta, st.alpha, m)
-        p = d * p_h
-        if config.has_bounds:
-            theta = jnp.maximum(0.995, 1.0 - st.g_norm)
-            step, step_h, predicted = select_step(
-                x, jh, diag_h, g_h, p, p_h, d, st.delta, lb, ub, theta
-            )
-            x_new = make_strictly_feasible(x + step, lb, ub)
-        else:
-            step, step_h = p, p_h
-            predicted = -quadratic(jh, g_h, p_h)
-            x_new = x + step
-        ev = _evaluate(problem, config, x_new, data, f_scale)
-        nfev = st.nfev + 1
-        step_h_norm = jnp.linalg.norm(step_h)
-        actual = st.cost - ev.cost
-        ratio = jnp.where(
-            predicted > 0,
-            actual / jnp.where(predicted > 0, predicted, 1.0),
-            jnp.where((predicted == 0) & (actual == 0), 1.0, 0.0),
-        )
-        delta_new = jnp.where(
-            ratio < 0.25,
-            0.25 * step_h_norm,
-            jnp.where((ratio > 0.75) & (step_h_norm > 0.95 * st.delta), 2.0 * st.delta, st.delta),
-        )
-        step_norm = jnp.linalg.norm(step)
-        ftol_ok = (actual < ftol * st.cost) & (ratio > 0.25)
-        xtol_ok = step_norm < xtol * (xtol + jnp.linalg.norm(x))
-        term = jnp.where(
-            ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING))
-        )
-        term = jnp.where(ev.finite, term, RUNNING)
-        terminated = term != RUNNING
-        delta = jnp.where(ev.finite, jnp.where(terminated, st.delta, delta_new), 0.25 * step_h_norm)
-        alpha = jnp.where(
-            ev.finite & ~terminated,
-            alpha * st.delta / jnp.where(delta_new > 0, delta_new, 1.0),
-            alpha,
-        )
-        accept = ev.finite & (actual > 0)
-        done = accept | terminated | (nfev >= max_nfev)
-        return finish_iteration(
-            st, done, accept, x_new, ev, nfev, delta, alpha, term, actual, step_norm, st.xnorm
-        )
+    def body(st: State) -> State:
+        return _commit(config, loop, st, step(problem, config, loop, data, st))
 
-    def lm_body(st: State) -> State:
-        x = st.x
-        scale = 1.0 / st.scale_inv
-        jh = st.r * scale[None, :]
-        g_h = scale * st.g
-        u, s, vt = jnp.linalg.svd(jh, full_matrices=False)
-        p_h, alpha = solve_subproblem(u.T @ st.qtf, s, vt.T, st.delta, st.alpha, m)
-        pnorm = jnp.linalg.norm(p_h)
-        delta = jnp.where(st.njev == 1, jnp.minimum(st.delta, pnorm), st.delta)
-        x_new = x + scale * p_h
-        ev = _evaluate(problem, config, x_new, data, f_scale)
-        nfev = st.nfev + 1
-        cost = st.cost
-        safe_cost = jnp.where(cost > 0, cost, 1.0)
-        # MINPACK works with relative reductions: actred = 1 - (|f_new| / |f|)^2.
-        close = ev.finite & (0.01 * ev.cost < cost)
-        actred = jnp.where(close, 1.0 - ev.cost / safe_cost, -1.0)
-        prered = -quadratic(jh, g_h, p_h) / safe_cost
-        dirder = (g_h @ p_h) / safe_cost
-        # A non-positive predicted reduction (possible when the Jacobian is rank-deficient and the
-        # subproblem cannot reach the radius) must never make an uphill step look good.
-        ratio = jnp.where(prered > 0, actred / jnp.where(prered > 0, prered, 1.0), 0.0)
-        small = ratio <= 0.25
-        denom = dirder + 0.5 * actred
-        temp = jnp.where(actred >= 0, 0.5, 0.5 * dirder / jnp.where(denom != 0, denom, 1.0))
-        temp = jnp.where(~close | (temp < 0.1), 0.1, temp)
-        grow = (~small) & ((alpha == 0) | (ratio >= 0.75))
-        delta = jnp.where(
-            small, temp * jnp.minimum(delta, pnorm / 0.1), jnp.where(grow, pnorm / 0.5, delta)
-        )
-        alpha = jnp.where(small, alpha / temp, jnp.where(grow, 0.5 * alpha, alpha))
-        accept = ev.finite & (ratio >= 1e-4)
-        xnorm = jnp.where(accept, jnp.linalg.norm(x_new * st.scale_inv), st.xnorm)
-        eps = jnp.finfo(dtype).eps
-        ftol_ok = (jnp.abs(actred) <= ftol) & (prered <= ftol) & (0.5 * ratio <= 1.0)
-        xtol_ok = delta <= xtol * xnorm
-        term = jnp.where(
-            ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING))
-        )
-        # MINPACK's "tolerance too small" exits (info 6, 7): nothing more can be gained.
-        ftol_eps = (jnp.abs(actred) <= eps) & (prered <= eps) & (0.5 * ratio <= 1.0)
-        term = jnp.where(term != RUNNING, term, jnp.where(ftol_eps, 2, term))
-        term = jnp.where(term != RUNNING, term, jnp.where(delta <= eps * xnorm, 3, term))
-        done = accept | (term != RUNNING) | (nfev >= max_nfev)
-        reduction = st.cost - ev.cost
-        step_norm = jnp.linalg.norm(scale * p_h)
-        return finish_iteration(
-            st, done, accept, x_new, ev, nfev, delta, alpha, term, reduction, step_norm, xnorm
-        )
-
-    body = lm_body if config.method == "lm" else trf_body
     return lax.while_loop(cond, body, state)
+
+
+def _commit(config: Config, loop: Loop, st: State, t: Trial) -> State:
+    """Act on a trial: take its point if accepted and, at the end of an outer iteration, test
+    for convergence and record the iteration for the emitter."""
+    x = jnp.where(t.accept, t.x_new, st.x)
+    cost = jnp.where(t.accept, t.ev.cost, st.cost)
+    r = jnp.where(t.accept, t.ev.r, st.r)
+    qtf = jnp.where(t.accept, t.ev.qtf, st.qtf)
+    g = r.T @ qtf
+    njev = st.njev + t.accept.astype(jnp.int32)
+    scale_inv = st.scale_inv
+    if config.jac_scale:
+        scale_inv = jnp.where(t.accept, jnp.maximum(scale_inv, _col_norms(t.ev.r)), scale_inv)
+    g_norm, status = _termination(config, loop, t, x, g, r, cost)
+    nit = st.nit + t.done.astype(jnp.int32)
+    reduction = jnp.where(t.done, jnp.where(t.accept, t.reduction, 0.0), st.reduction)
+    step_norm = jnp.where(t.done, jnp.where(t.accept, t.step_norm, 0.0), st.step_norm)
+    g_norm = jnp.where(t.done, g_norm, st.g_norm)
+    emit = st.emit
+    if config.emitter is not None:
+        emit = config.emitter.record(
+            emit, nit, t.nfev, cost, reduction, step_norm, g_norm, x, t.done, status != RUNNING
+        )
+    return State(
+        x=x,
+        cost=cost,
+        r=r,
+        qtf=qtf,
+        g=g,
+        scale_inv=scale_inv,
+        delta=t.delta,
+        alpha=t.alpha,
+        nfev=t.nfev,
+        njev=njev,
+        nit=nit,
+        status=status,
+        g_norm=g_norm,
+        reduction=reduction,
+        step_norm=step_norm,
+        xnorm=t.xnorm,
+        emit=emit,
+    )
+
+
+def _termination(
+    config: Config, loop: Loop, t: Trial, x: Array, g: Array, r: Array, cost: Array
+) -> tuple[Array, Array]:
+    """The gradient norm at the committed point and the fit's status: converged on ``gtol`` (1),
+    the step's own ``ftol``/``xtol`` test, out of budget (0), or still RUNNING."""
+    if config.method == "lm":
+        g_norm = jnp.max(jnp.abs(g))
+        converged = _lm_cosine(r, g, cost) <= loop.gtol
+    else:
+        g_norm = _trf_gnorm(config, x, g, loop.lb, loop.ub)
+        converged = g_norm < loop.gtol
+    status = jnp.where(
+        converged,
+        1,
+        jnp.where(t.term != RUNNING, t.term, jnp.where(t.nfev >= loop.max_nfev, 0, RUNNING)),
+    )
+    return g_norm, jnp.where(t.done, status, RUNNING).astype(jnp.int32)
+
+
+def _trf_step(problem: Problem, config: Config, loop: Loop, data: Any, st: State) -> Trial:
+    """One trial of trust-region reflective (scipy's ``trf``): solve the subproblem, evaluate the
+    trial point, update the radius and test ``ftol`` and ``xtol``."""
+    lb, ub = loop.lb, loop.ub
+    x, g = st.x, st.g
+    scale = 1.0 / st.scale_inv
+    if config.has_bounds:
+        v, dv = cl_scaling(x, g, lb, ub)
+        v = jnp.where(dv != 0, v * st.scale_inv, v)
+        d = jnp.sqrt(v) * scale
+        diag_h = g * dv * scale
+    else:
+        d = scale
+        diag_h = jnp.zeros_like(x)
+    g_h = d * g
+    jh = st.r * d[None, :]
+    if config.has_bounds:
+        aug = jnp.concatenate([jh, jnp.diag(jnp.sqrt(diag_h))], axis=0)
+        u_rhs = jnp.concatenate([st.qtf, jnp.zeros_like(st.qtf)])
+    else:
+        aug, u_rhs = jh, st.qtf
+    u, s, vt = jnp.linalg.svd(aug, full_matrices=False)
+    p_h, alpha = solve_subproblem(u.T @ u_rhs, s, vt.T, st.delta, st.alpha, loop.m)
+    p = d * p_h
+    if config.has_bounds:
+        theta = jnp.maximum(0.995, 1.0 - st.g_norm)
+        step, step_h, predicted = select_step(
+            x, jh, diag_h, g_h, p, p_h, d, st.delta, lb, ub, theta
+        )
+        x_new = make_strictly_feasible(x + step, lb, ub)
+    else:
+        step, step_h = p, p_h
+        predicted = -quadratic(jh, g_h, p_h)
+        x_new = x + step
+    ev = _evaluate(problem, config, x_new, data, loop.f_scale)
+    nfev = st.nfev + 1
+    step_h_norm = jnp.linalg.norm(step_h)
+    actual = st.cost - ev.cost
+    ratio = jnp.where(
+        predicted > 0,
+        actual / jnp.where(predicted > 0, predicted, 1.0),
+        jnp.where((predicted == 0) & (actual == 0), 1.0, 0.0),
+    )
+    delta_new = jnp.where(
+        ratio < 0.25,
+        0.25 * step_h_norm,
+        jnp.where((ratio > 0.75) & (step_h_norm > 0.95 * st.delta), 2.0 * st.delta, st.delta),
+    )
+    step_norm = jnp.linalg.norm(step)
+    ftol_ok = (actual < loop.ftol * st.cost) & (ratio > 0.25)
+    xtol_ok = step_norm < loop.xtol * (loop.xtol + jnp.linalg.norm(x))
+    term = jnp.where(ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING)))
+    term = jnp.where(ev.finite, term, RUNNING)
+    terminated = term != RUNNING
+    delta = jnp.where(ev.finite, jnp.where(terminated, st.delta, delta_new), 0.25 * step_h_norm)
+    alpha = jnp.where(
+        ev.finite & ~terminated,
+        alpha * st.delta / jnp.where(delta_new > 0, delta_new, 1.0),
+        alpha,
+    )
+    accept = ev.finite & (actual > 0)
+    done = accept | terminated | (nfev >= loop.max_nfev)
+    return Trial(done, accept, x_new, ev, nfev, delta, alpha, term, actual, step_norm, st.xnorm)
+
+
+def _lm_step(problem: Problem, config: Config, loop: Loop, data: Any, st: State) -> Trial:
+    """One trial of Levenberg-Marquardt as MINPACK's ``lmder`` takes it: the damped step, its
+    evaluation, the radius update and MINPACK's ``ftol``/``xtol`` tests (relative reductions)."""
+    x = st.x
+    scale = 1.0 / st.scale_inv
+    jh = st.r * scale[None, :]
+    g_h = scale * st.g
+    u, s, vt = jnp.linalg.svd(jh, full_matrices=False)
+    p_h, alpha = solve_subproblem(u.T @ st.qtf, s, vt.T, st.delta, st.alpha, loop.m)
+    pnorm = jnp.linalg.norm(p_h)
+    delta = jnp.where(st.njev == 1, jnp.minimum(st.delta, pnorm), st.delta)
+    x_new = x + scale * p_h
+    ev = _evaluate(problem, config, x_new, data, loop.f_scale)
+    nfev = st.nfev + 1
+    cost = st.cost
+    safe_cost = jnp.where(cost > 0, cost, 1.0)
+    # MINPACK works with relative reductions: actred = 1 - (|f_new| / |f|)^2.
+    close = ev.finite & (0.01 * ev.cost < cost)
+    actred = jnp.where(close, 1.0 - ev.cost / safe_cost, -1.0)
+    prered = -quadratic(jh, g_h, p_h) / safe_cost
+    dirder = (g_h @ p_h) / safe_cost
+    # A non-positive predicted reduction (possible when the Jacobian is rank-deficient and the
+    # subproblem cannot reach the radius) must never make an uphill step look good.
+    ratio = jnp.where(prered > 0, actred / jnp.where(prered > 0, prered, 1.0), 0.0)
+    small = ratio <= 0.25
+    denom = dirder + 0.5 * actred
+    temp = jnp.where(actred >= 0, 0.5, 0.5 * dirder / jnp.where(denom != 0, denom, 1.0))
+    temp = jnp.where(~close | (temp < 0.1), 0.1, temp)
+    grow = (~small) & ((alpha == 0) | (ratio >= 0.75))
+    delta = jnp.where(
+        small, temp * jnp.minimum(delta, pnorm / 0.1), jnp.where(grow, pnorm / 0.5, delta)
+    )
+    alpha = jnp.where(small, alpha / temp, jnp.where(grow, 0.5 * alpha, alpha))
+    accept = ev.finite & (ratio >= 1e-4)
+    xnorm = jnp.where(accept, jnp.linalg.norm(x_new * st.scale_inv), st.xnorm)
+    eps = jnp.finfo(loop.dtype).eps
+    ftol_ok = (jnp.abs(actred) <= loop.ftol) & (prered <= loop.ftol) & (0.5 * ratio <= 1.0)
+    xtol_ok = delta <= loop.xtol * xnorm
+    term = jnp.where(ftol_ok & xtol_ok, 4, jnp.where(ftol_ok, 2, jnp.where(xtol_ok, 3, RUNNING)))
+    # MINPACK's "tolerance too small" exits (info 6, 7): nothing more can be gained.
+    ftol_eps = (jnp.abs(actred) <= eps) & (prered <= eps) & (0.5 * ratio <= 1.0)
+    term = jnp.where(term != RUNNING, term, jnp.where(ftol_eps, 2, term))
+    term = jnp.where(term != RUNNING, term, jnp.where(delta <= eps * xnorm, 3, term))
+    done = accept | (term != RUNNING) | (nfev >= loop.max_nfev)
+    reduction = st.cost - ev.cost
+    step_norm = jnp.linalg.norm(scale * p_h)
+    return Trial(done, accept, x_new, ev, nfev, delta, alpha, term, reduction, step_norm, xnorm)
 
 
 def _finish(problem: Problem, config: Config, st: State, scalars: Array, data: Any) -> Output:
@@ -691,7 +761,7 @@ def _finish(problem: Problem, config: Config, st: State, scalars: Array, data: A
         m = jax.eval_shape(lambda x: problem.residual(x, data), st.x).shape[0]
         return Output(packed=_pack(st, m), fun=None, jac=None)
     f_final, jt_final = problem.residual_and_jt(st.x, data)
-    _, jts = _losses.scale_residuals_and_jacobian(config.loss, f_final, jt_final, scalars[3])
+    _, jts = losses.scale_residuals_and_jacobian(config.loss, f_final, jt_final, scalars[3])
     return Output(packed=_pack(st, f_final.shape[0]), fun=f_final, jac=jts.T)
 
 
@@ -752,7 +822,7 @@ def solve_chunk(
     carry: Array,
     k: Array,
 ) -> tuple[Array, Array]:
-    """Run a watched fit for at most ``k`` more trials (see ``_emitter.run_chunks``).
+    """Run a watched fit for at most ``k`` more trials (see ``stream.emitter.run_chunks``).
 
     Returns the state to continue from (flat, stays on the device) and, for the host in one
     transfer, ``_pack``'s results, then ``[records, trials, reduction, step_norm]``, then the
@@ -782,5 +852,5 @@ def fun_and_jac(
     """Residuals and (loss-scaled) Jacobian at ``x``: a watched fit's ``fun`` and ``jac``,
     dispatched without waiting for them."""
     f, jt = problem.residual_and_jt(x, data)
-    _, jts = _losses.scale_residuals_and_jacobian(config.loss, f, jt, scalars[3])
+    _, jts = losses.scale_residuals_and_jacobian(config.loss, f, jt, scalars[3])
     return f, jts.T

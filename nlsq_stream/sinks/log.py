@@ -1,0 +1,69 @@
+"""``LoggingSink``: events as records of the standard library's ``logging``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from ..events import Event, FitFailed, FitFinished, FitStarted, Iteration
+
+
+class LoggingSink:
+    """Bridges events to stdlib logging: iterations at DEBUG, start and finish at INFO, failure at
+    ERROR (a finished fit that did not converge logs at WARNING). Uses whatever handlers the
+    logger has; each record carries the event as ``record.nlsq_event``.
+
+    >>> import logging
+    >>> sink = LoggingSink(logging.getLogger("my.fits"))
+    """
+
+    policy: Literal["lossless", "latest"] = "lossless"
+
+    def __init__(self, logger: logging.Logger | str = "nlsq_stream.fit") -> None:
+        if isinstance(logger, str):
+            logger = logging.getLogger(logger)
+        if not isinstance(logger, logging.Logger):
+            raise TypeError(f"`logger` must be a logging.Logger or a name, got {logger!r:.60}")
+        self.logger = logger
+
+    async def send(self, event: Event) -> None:
+        log = self.logger
+        extra = {"nlsq_event": event}
+        if isinstance(event, Iteration):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "%s iteration %d: nfev=%d cost=%.6e optimality=%.2e",
+                    event.fit_id,
+                    event.iteration,
+                    event.nfev,
+                    event.cost,
+                    event.optimality,
+                    extra=extra,
+                )
+        elif isinstance(event, FitStarted):
+            log.info(
+                "%s started: method=%s, %d parameters %s, %d residuals",
+                event.fit_id,
+                event.method,
+                event.n_params,
+                list(event.param_names),
+                event.n_residuals,
+                extra=extra,
+            )
+        elif isinstance(event, FitFinished):
+            r = event.result
+            level = logging.INFO if r.get("success", True) else logging.WARNING
+            log.log(
+                level,
+                "%s finished (status %s): %s cost=%.6e nfev=%s",
+                event.fit_id,
+                r.get("status"),
+                r.get("message"),
+                r.get("cost", float("nan")),
+                r.get("nfev"),
+                extra=extra,
+            )
+        elif isinstance(event, FitFailed):
+            log.error(
+                "%s failed: %s: %s", event.fit_id, event.error_type, event.message, extra=extra
+            )
