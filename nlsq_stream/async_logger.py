@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._result import OptimizeResult
 from .events import FitFinished, Iteration
 from .stream.hub import HUB, Batch
 
@@ -93,13 +94,13 @@ def log_iteration_async(
 
 
 def _host_convergence(reason: str, iterations: Any, cost: Any, secs: Any, gnorm: Any) -> None:
-    result = {
-        "message": reason,
-        "nit": int(np.asarray(iterations)),
-        "cost": float(np.asarray(cost)),
-        "time_sec": float(np.asarray(secs)),
-        "optimality": float(np.asarray(gnorm)),
-    }
+    result = OptimizeResult(
+        message=reason,
+        nit=int(np.asarray(iterations)),
+        cost=float(np.asarray(cost)),
+        time_sec=float(np.asarray(secs)),
+        optimality=float(np.asarray(gnorm)),
+    )
     if HUB.has_subscribers(FIT_ID):
         HUB.publish(Batch(FIT_ID, [FitFinished(FIT_ID, result, time.time())]))
     else:

@@ -23,6 +23,10 @@ floats are written as ``NaN``, ``Infinity`` and ``-Infinity``, as Python's ``jso
 ``message`` and ``success``. ``max_nfev`` (the evaluation budget) and ``model`` (the model's
 name) were added later: readers treat a missing key as ``null``, and older readers ignore them.
 
+In Python, ``FitFinished.result`` is an :class:`~nlsq_stream.OptimizeResult` (``event.result.x``
+as well as ``event.result["x"]``) whose ``x`` is a float64 numpy array, whether the event came
+from a fit or from a JSON line; the JSON is the same either way.
+
 >>> e = Iteration("fit-1", 3, 4, 0.5, 0.1, 0.01, 1e-3, np.array([1.0, 2.0]), 0.0)
 >>> Iteration.from_json(e.to_json()) == e
 True
@@ -36,6 +40,8 @@ import math
 from typing import Any, ClassVar
 
 import numpy as np
+
+from ._result import OptimizeResult
 
 SCHEMA_VERSION = 1
 
@@ -145,11 +151,32 @@ class Iteration(_Event):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FitFinished(_Event):
-    """The fit ended with a result (converged, or not: see ``result["status"]``)."""
+    """The fit ended with a result (converged, or not: see ``result.status``).
+
+    ``result`` is a summary of the fit's :class:`~nlsq_stream.OptimizeResult`, and one itself
+    (a dict with attribute access, as scipy's): ``x`` (a float64 numpy array), ``cost``,
+    ``optimality``, ``nfev``, ``njev``, ``nit``, ``status``, ``message``, ``success``. Any mapping
+    given is copied into one, its ``x`` made a float64 array. Two events are equal when their
+    fields are, the result compared key by key (arrays by value, NaN equal to NaN), as every
+    event compares.
+    """
 
     TYPE: ClassVar[str] = "FitFinished"
-    result: dict[str, Any]
+    result: OptimizeResult
     time: float
+
+    def __post_init__(self) -> None:
+        result = OptimizeResult(self.result)
+        if "x" in result:
+            result["x"] = np.asarray(result["x"], dtype=np.float64)
+        object.__setattr__(self, "result", result)
+
+    def __repr__(self) -> str:
+        # one line: OptimizeResult's own repr is scipy's multi-line table
+        return (
+            f"FitFinished(fit_id={self.fit_id!r}, result=OptimizeResult({dict(self.result)!r}), "
+            f"time={self.time!r})"
+        )
 
     @property
     def status(self) -> int:
@@ -265,7 +292,7 @@ def event_from_dict(d: Any) -> Event:
             t,
         )
     if kind == "FitFinished":
-        result = dict(_require(d, "result", (dict,), "an object"))
+        result = OptimizeResult(_require(d, "result", (dict,), "an object"))
         if "x" in result:
             result["x"] = _float_list(result, "x")
         for key, kinds, what in _RESULT_FIELDS:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
+import anyio
 import numpy as np
 import pytest
+from conftest import decay_data, decay_model
 
+import nlsq_stream as ns
 from nlsq_stream import events
 from nlsq_stream.events import (
     MAX_LINE_BYTES,
@@ -248,3 +252,99 @@ def test_fit_started_optional_fields_are_backward_compatible():
         event_from_dict({**d, "max_nfev": 1.5})
     with pytest.raises(EventDecodeError, match="'model'"):
         event_from_dict({**d, "model": 3})
+
+
+# ---- FitFinished.result is an OptimizeResult (attribute access, as scipy's) ------------------
+
+# A FitFinished line as the previous release wrote it (its JsonlSink, a two-parameter fit), kept
+# verbatim: the format did not change, so logs written before still decode, now with ``.x``.
+OLD_FINISHED_LINE = (
+    '{"schema":1,"type":"FitFinished","fit_id":"fit-56c6357f3191","result":{"x":[3.0,0.5],'
+    '"cost":4.029045443658096e-31,"optimality":3.5728186778899083e-16,"nfev":10,"njev":9,'
+    '"nit":8,"status":3,"message":"`xtol` termination condition is satisfied.",'
+    '"success":true},"time":1796284768.3736138}'
+)
+
+X, Y, P0 = decay_data(200)
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.events: list = []
+
+    async def send(self, event) -> None:
+        self.events.append(event)
+
+
+def check_result(ev, popt=None) -> None:
+    """``ev.result`` is an OptimizeResult whose ``x`` is a float64 array (equal to ``popt``)."""
+    assert isinstance(ev, FitFinished)
+    r = ev.result
+    assert isinstance(r, ns.OptimizeResult)
+    assert isinstance(r.x, np.ndarray) and r.x.dtype == np.float64
+    assert all(getattr(r, key) is r[key] for key in r)  # r.x, r.status, ... as r["x"], ...
+    if popt is not None:
+        np.testing.assert_array_equal(r.x, popt)
+        assert r.success and r.status > 0 and r.nit >= 1 and r.nfev >= r.nit
+    back = event_from_json(ev.to_json())
+    assert back == ev and isinstance(back.result, ns.OptimizeResult)
+    assert back.result.x.dtype == np.float64
+    np.testing.assert_array_equal(back.result.x, r.x)
+
+
+def test_fit_finished_result_has_attribute_access():
+    ev = SAMPLES["finished"]
+    check_result(ev)
+    assert ev.result.status == -2 and ev.result.success is False
+    with pytest.raises(AttributeError):
+        ev.result.popt  # noqa: B018 - not in the summary
+
+
+def test_a_plain_dict_becomes_an_optimize_result_with_a_float64_x():
+    given = {"x": [1, 2], "status": 1}
+    ev = FitFinished("f", given, 0.0)
+    check_result(ev)
+    np.testing.assert_array_equal(ev.result.x, [1.0, 2.0])
+    assert given == {"x": [1, 2], "status": 1}  # copied, not changed
+    # the JSON writes x as a list, as before
+    assert json.loads(ev.to_json())["result"] == {"x": [1.0, 2.0], "status": 1}
+    assert FitFinished("f", {"status": 1}, 0.0).result == {"status": 1}  # x stays optional
+
+
+def test_fit_finished_equality_repr_and_pickle():
+    ev = SAMPLES["finished"]
+    same = FitFinished(ev.fit_id, dict(ev.result), ev.time)
+    assert same == ev  # key by key, arrays by value, NaN equal to NaN
+    moved = FitFinished(ev.fit_id, {**ev.result, "x": np.array([1.0, NAN, 2.0])}, ev.time)
+    assert moved != ev
+    assert FitFinished("f", {"x": [1.0]}, 0.0) != FitFinished("f", {"x": [1.0, 2.0]}, 0.0)
+    text = repr(ev)
+    assert "\n" not in text
+    assert text.startswith("FitFinished(fit_id='fit-1', result=OptimizeResult({'x': array(")
+    back = pickle.loads(pickle.dumps(ev))
+    assert back == ev and isinstance(back.result, ns.OptimizeResult)
+
+
+def test_an_old_log_line_still_decodes():
+    ev = event_from_json(OLD_FINISHED_LINE)
+    check_result(ev)
+    np.testing.assert_array_equal(ev.result.x, [3.0, 0.5])
+    assert ev.result.nit == 8 and ev.result.status == 3 and ev.result.success is True
+    assert ev.to_json() == OLD_FINISHED_LINE  # written back byte for byte
+
+
+def test_live_fit_finished_from_curve_fit_has_result_x():
+    collect = Collect()
+    popt, _ = ns.curve_fit(decay_model, X, Y, p0=P0, sinks=[collect])
+    check_result(collect.events[-1], popt)
+
+
+@pytest.mark.anyio
+async def test_live_fit_finished_from_fit_stream_has_result_x(anyio_backend):
+    collect = Collect()
+    with anyio.fail_after(60):
+        async with ns.fit_stream(decay_model, X, Y, P0, sinks=[collect]) as stream:
+            evs = [ev async for ev in stream]
+    check_result(evs[-1], stream.result.popt)
+    check_result(collect.events[-1], stream.result.popt)
+    assert collect.events[-1] == evs[-1]

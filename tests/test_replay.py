@@ -393,3 +393,50 @@ async def test_a_real_fit_log_replays_exactly(anyio_backend, tmp_path):
     evs, msgs = await replay_all(path)
     assert msgs == [] and evs == seen
     assert isinstance(evs[0], FitStarted) and isinstance(evs[-1], FitFinished)
+
+
+# ---- FitFinished.result read back from a log: an OptimizeResult, x a float64 array ----------
+
+# A FitFinished line as the previous release's JsonlSink wrote it (same format), kept verbatim.
+OLD_FINISHED_LINE = (
+    '{"schema":1,"type":"FitFinished","fit_id":"fit-56c6357f3191","result":{"x":[3.0,0.5],'
+    '"cost":4.029045443658096e-31,"optimality":3.5728186778899083e-16,"nfev":10,"njev":9,'
+    '"nit":8,"status":3,"message":"`xtol` termination condition is satisfied.",'
+    '"success":true},"time":1796284768.3736138}'
+)
+
+
+def check_result_x(ev, popt) -> None:
+    assert isinstance(ev, FitFinished) and isinstance(ev.result, ns.OptimizeResult)
+    assert isinstance(ev.result.x, np.ndarray) and ev.result.x.dtype == np.float64
+    np.testing.assert_array_equal(ev.result.x, popt)
+    assert ev.result.status == ev.result["status"] and ev.result.success is True
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("no_leftover_threads")
+async def test_replayed_fit_finished_has_result_x(anyio_backend, tmp_path):
+    import jax.numpy as jnp
+
+    def model(x, a, b):
+        return a * jnp.exp(-b * x)
+
+    x = np.linspace(0, 4, 50)
+    y = 3.0 * np.exp(-0.5 * x) + 0.01 * np.cos(7 * x)
+    path = tmp_path / "fit.jsonl"
+    popt, _ = ns.curve_fit(model, x, y, p0=[1.0, 1.0], sinks=[ns.sinks.JsonlSink(path)])
+    evs, msgs = await replay_all(path)
+    assert msgs == []
+    check_result_x(evs[-1], popt)
+    check_result_x(list(iter_events(path))[-1], popt)
+
+
+@pytest.mark.anyio
+async def test_an_old_log_still_replays_with_result_x(anyio_backend, tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text(OLD_FINISHED_LINE + "\n")
+    evs, msgs = await replay_all(path)
+    assert msgs == [] and len(evs) == 1
+    check_result_x(evs[0], [3.0, 0.5])
+    assert evs == list(iter_events(path))
+    assert evs[0].to_json() == OLD_FINISHED_LINE

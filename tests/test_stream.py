@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import warnings
 
 import anyio
 import numpy as np
@@ -318,6 +319,94 @@ async def test_plain_async_for_left_at_the_terminal_event_cleans_up(anyio_backen
         assert not sink_threads(), "the shared sink loop did not end once idle"
     finally:
         await stream._close()  # what exhausting the iterator would have done
+
+
+# ---- a sink that raises: detached, in stream.sink_errors, and a SinkError warning ----------
+
+
+class FailOn:
+    """Raises on its ``n``-th event (named, so the failures can be told apart)."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self.n, self.name, self.seen = n, name, 0
+
+    async def send(self, event) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            raise RuntimeError(f"{self.name} exploded on purpose")
+
+
+def sink_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, ns.SinkError)]
+
+
+async def test_a_failing_sink_warns_once_when_the_async_with_block_ends(anyio_backend):
+    before = live_tasks()
+    collect = []
+
+    async def keep(event):
+        collect.append(event)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with anyio.fail_after(TIMEOUT):
+            async with ns.fit_stream(
+                decay_model, X, Y, P0, sinks=[FailOn(2, "first"), keep, FailOn(3, "second")]
+            ) as stream:
+                evs = []
+                async for ev in stream:
+                    evs.append(ev)
+                    if isinstance(ev, FitFinished):
+                        break  # the stream is still open: no warning yet
+                assert sink_warnings(caught) == []
+                n_open = len(caught)
+    check_order(evs)
+    assert collect == evs  # the good sink lost nothing
+    assert len(stream.sink_errors) == 2
+    closing = [w for w in caught[n_open:] if issubclass(w.category, ns.SinkError)]
+    got = [str(w.message) for w in closing]
+    assert sorted(got) == sorted(stream.sink_errors)  # once per failing sink, on leaving
+    assert any("first exploded" in m for m in got) and any("second exploded" in m for m in got)
+    assert all(w.filename == __file__ for w in closing)  # it points at the caller
+    await assert_no_leftover_tasks(before)
+
+
+async def test_a_failing_sink_warns_under_pytest_warns_with_plain_async_for(anyio_backend):
+    before = live_tasks()
+    with pytest.warns(ns.SinkError, match="only exploded on purpose") as record:
+        with anyio.fail_after(TIMEOUT):
+            stream = ns.fit_stream(decay_model, X, Y, P0, sinks=[FailOn(1, "only")])
+            evs = [ev async for ev in stream]  # exhausting the iterator closes the stream
+    check_order(evs)
+    assert [str(w.message) for w in record if issubclass(w.category, ns.SinkError)] == (
+        stream.sink_errors
+    )
+    assert stream.result["sink_errors"] == stream.sink_errors
+    await assert_no_leftover_tasks(before)
+
+
+async def test_a_failing_sink_warns_when_the_fit_fails_too(anyio_backend):
+    before = live_tasks()
+    with pytest.warns(ns.SinkError, match="early exploded on purpose"):
+        with anyio.fail_after(TIMEOUT):
+            with pytest.raises(ns.FitError, match="sensor offline at run time"):
+                async with ns.fit_stream(
+                    runtime_failing_model, X, Y, P0, sinks=[FailOn(1, "early")]
+                ) as stream:
+                    async for _ in stream:
+                        pass
+    assert len(stream.sink_errors) == 1
+    await assert_no_leftover_tasks(before)
+
+
+async def test_good_sinks_issue_no_sink_error_warning(anyio_backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ns.SinkError)
+        with anyio.fail_after(TIMEOUT):
+            async with ns.fit_stream(decay_model, X, Y, P0, sinks=[_null_sink]) as stream:
+                async for _ in stream:
+                    pass
+    assert stream.sink_errors == []
 
 
 def test_the_sink_loop_outlives_a_pause_then_ends(monkeypatch):

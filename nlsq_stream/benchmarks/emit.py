@@ -9,6 +9,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from .._result import OptimizeResult
 from ..events import FitFinished
 from ..faces.sync import curve_fit
 from ..sinks import ConsoleSink
@@ -51,7 +52,7 @@ def _floor_fit(model: Any, x: np.ndarray, y: np.ndarray, devnull: IO[str], watch
     v, rows, _, _ = engine.unpack_chunk(engine.fetch(packed), n)
     if v["status"] == engine.RUNNING:
         raise RuntimeError("the benchmark's fit did not end within one chunk")
-    summary = {key: v[key] for key in ("x", "cost", "nfev", "optimality")}
+    summary = OptimizeResult({key: v[key] for key in ("x", "cost", "nfev", "optimality")})
     events = [
         started_event(prep, "bench"),
         *rows_to_iterations("bench", rows, time.time()),

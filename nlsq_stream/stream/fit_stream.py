@@ -10,6 +10,7 @@ slow sink can slow the solver or each other. The public ``fit_stream`` and
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from .._exceptions import FitError
+from .._exceptions import FitError, SinkError
 from .._result import OptimizeResult
 from ..events import TERMINAL, Event, FitFailed
 from ..solver.fit import PreparedFit
@@ -108,6 +109,13 @@ class FitStream:
     event ``stream.result`` holds the :class:`OptimizeResult`. If the fit raised, the terminal
     event is a :class:`FitFailed` and the iteration then raises :class:`FitError` from the
     original error.
+
+    A sink that raises is detached (the fit and the other sinks go on) and listed in
+    ``sink_errors``; when the stream closes (the ``async with`` block ends, or ``async for``
+    passes the terminal event) each failure is also issued as a :class:`SinkError` warning, as
+    ``curve_fit(..., sinks=[...])`` does, in the consumer's task, so the caller's warning filters
+    (``pytest.warns``, ``warnings.catch_warnings``) apply. A stream dropped without being closed
+    issues none.
     """
 
     def __init__(
@@ -172,6 +180,13 @@ class FitStream:
             if self._sub is not None:
                 HUB.unsubscribe(self._sub)
                 self._sub.close()
+        self._warn_sink_errors()
+
+    def _warn_sink_errors(self) -> None:
+        """One SinkError warning per failure, pointing at the consumer's ``async with`` or ``async
+        for`` (this frame, ``_close``, then ``__aexit__`` or ``__anext__``, then the caller)."""
+        for failure in self.sink_errors:
+            warnings.warn(failure, SinkError, stacklevel=4)
 
     async def __aenter__(self) -> FitStream:
         await self._start()

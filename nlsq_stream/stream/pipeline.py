@@ -65,19 +65,19 @@ def new_fit_id() -> str:
     return "fit-" + uuid.uuid4().hex[:12]
 
 
-def result_summary(res: OptimizeResult) -> dict[str, Any]:
-    """The JSON-friendly part of a result, as FitFinished carries it."""
-    return {
-        "x": np.asarray(res.x, dtype=np.float64),
-        "cost": float(res.cost),
-        "optimality": float(res.optimality),
-        "nfev": int(res.nfev),
-        "njev": int(res.njev),
-        "nit": int(res.nit),
-        "status": int(res.status),
-        "message": str(res.message),
-        "success": bool(res.success),
-    }
+def result_summary(res: OptimizeResult) -> OptimizeResult:
+    """The JSON-friendly part of a result, as FitFinished carries it (an OptimizeResult too)."""
+    return OptimizeResult(
+        x=np.asarray(res.x, dtype=np.float64),
+        cost=float(res.cost),
+        optimality=float(res.optimality),
+        nfev=int(res.nfev),
+        njev=int(res.njev),
+        nit=int(res.nit),
+        status=int(res.status),
+        message=str(res.message),
+        success=bool(res.success),
+    )
 
 
 def execute(prep: PreparedFit, level: int = 0, channel: Channel | None = None) -> OptimizeResult:
