@@ -34,14 +34,49 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 NIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nist"
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """Name the hypothesis profile (and seed, if one is given), so any failure can be replayed."""
+def _cpu_paths() -> str:
+    """Which instruction-set paths the numerical libraries take in this run.
+
+    Results are compared with scipy's down to the last bits in places, and those bits differ
+    between CPUs (XLA's, numpy's and OpenBLAS' kernels are chosen per CPU). .ci/run runs the
+    numerical tests a second time on other paths (XLA_FLAGS=--xla_cpu_max_isa=...,
+    NPY_DISABLE_CPU_FEATURES, OPENBLAS_CORETYPE); this line shows which were in force.
+    """
+    xla = os.environ.get("XLA_FLAGS") or "unset (the host's best ISA)"
+    try:
+        from numpy._core._multiarray_umath import (
+            __cpu_baseline__,
+            __cpu_dispatch__,
+            __cpu_features__,
+        )
+
+        simd = "+".join([*__cpu_baseline__, *(f for f in __cpu_dispatch__ if __cpu_features__[f])])
+    except ImportError:  # a numpy without these (private) names
+        simd = "?"
+    try:
+        import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS, so that it is listed)
+        from threadpoolctl import threadpool_info
+
+        blas = ", ".join(
+            f"{i.get('architecture')} ({Path(i['filepath']).parent.name.removesuffix('.libs')})"
+            for i in threadpool_info()
+            if i.get("internal_api") == "openblas"
+        )
+    except ImportError:
+        blas = "? (threadpoolctl not installed)"
+    return f"cpu paths: XLA_FLAGS={xla}; numpy SIMD {simd}; OpenBLAS {blas or 'none loaded'}"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name the hypothesis profile (and seed, if one is given), so any failure can be replayed,
+    and the CPU paths the numerical libraries take (see _cpu_paths)."""
     seed = config.getoption("hypothesis_seed", None)
-    return (
+    return [
         f"hypothesis: profile {settings.get_current_profile_name()!r} -> "
         f"{settings.default.show_changed()}"
-        + (f"; --hypothesis-seed={seed}" if seed is not None else "")
-    )
+        + (f"; --hypothesis-seed={seed}" if seed is not None else ""),
+        _cpu_paths(),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
