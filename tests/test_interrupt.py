@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys, threading, time
+    # Ctrl-C as at a terminal: a test run started in the background by a non-interactive shell
+    # inherits SIGINT *ignored* (POSIX, for background jobs), and so would this process.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
     from nlsq_stream import least_squares
