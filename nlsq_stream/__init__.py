@@ -15,12 +15,18 @@ from . import sinks as sinks
 from ._control import stop_fit as stop_fit
 from ._exceptions import FitError as FitError
 from ._exceptions import SinkError as SinkError
+from ._result import BatchResult as BatchResult
 from ._result import OptimizeResult as OptimizeResult
 from ._result import OptimizeWarning as OptimizeWarning
+from .events import BatchFinished as BatchFinished
+from .events import BatchProgress as BatchProgress
+from .events import BatchStarted as BatchStarted
 from .events import FitFailed as FitFailed
 from .events import FitFinished as FitFinished
 from .events import FitStarted as FitStarted
 from .events import Iteration as Iteration
+from .faces.batch import curve_fit_batch as curve_fit_batch
+from .faces.batch import fit_stream_batch as fit_stream_batch
 from .faces.streaming import fit_stream as fit_stream
 from .faces.streaming import least_squares_stream as least_squares_stream
 from .faces.sync import curve_fit as curve_fit
@@ -32,6 +38,10 @@ from .stream.fit_stream import FitStream as FitStream
 from .stream.fit_stream import subscribe as subscribe
 
 __all__ = [
+    "BatchFinished",
+    "BatchProgress",
+    "BatchResult",
+    "BatchStarted",
     "FitError",
     "FitFailed",
     "FitFinished",
@@ -44,8 +54,10 @@ __all__ = [
     "SinkError",
     "async_logger",
     "curve_fit",
+    "curve_fit_batch",
     "events",
     "fit_stream",
+    "fit_stream_batch",
     "iter_events",
     "least_squares",
     "least_squares_stream",

@@ -50,6 +50,10 @@ MAX_FUNCTION_LINES = 80
 # The public surface: the names each public module exports (a change here is an API change).
 SURFACE = {
     "nlsq_stream": [
+        "BatchFinished",
+        "BatchProgress",
+        "BatchResult",
+        "BatchStarted",
         "FitError",
         "FitFailed",
         "FitFinished",
@@ -62,8 +66,10 @@ SURFACE = {
         "SinkError",
         "async_logger",
         "curve_fit",
+        "curve_fit_batch",
         "events",
         "fit_stream",
+        "fit_stream_batch",
         "iter_events",
         "least_squares",
         "least_squares_stream",
@@ -80,12 +86,16 @@ SURFACE = {
         "in_notebook",
     ],
     "nlsq_stream.events": [
+        "BatchFinished",
+        "BatchProgress",
+        "BatchStarted",
         "Event",
         "EventDecodeError",
         "FitFailed",
         "FitFinished",
         "FitStarted",
         "Iteration",
+        "QUANTILES",
         "SCHEMA_VERSION",
         "TERMINAL",
         "event_from_dict",

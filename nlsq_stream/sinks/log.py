@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
-from ..events import Event, FitFailed, FitFinished, FitStarted, Iteration
+from ..events import (
+    BatchFinished,
+    BatchProgress,
+    BatchStarted,
+    Event,
+    FitFailed,
+    FitFinished,
+    FitStarted,
+    Iteration,
+)
+from .console import progress_line
 
 
 class LoggingSink:
@@ -67,3 +77,35 @@ class LoggingSink:
             log.error(
                 "%s failed: %s: %s", event.fit_id, event.error_type, event.message, extra=extra
             )
+        else:
+            _log_batch(log, event, extra)
+
+
+def _log_batch(log: logging.Logger, event: Event, extra: dict[str, Any]) -> None:
+    """A batch's start and end at INFO, its progress at DEBUG (one record per event)."""
+    if isinstance(event, BatchStarted):
+        log.info(
+            "%s started: %d fits, method=%s, %d parameters %s, %d points each",
+            event.batch_id,
+            event.n_fits,
+            event.method,
+            event.n_params,
+            list(event.param_names),
+            event.n_points,
+            extra=extra,
+        )
+    elif isinstance(event, BatchProgress):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s", event.batch_id, progress_line(event), extra=extra)
+    elif isinstance(event, BatchFinished):
+        level = logging.INFO if event.n_converged == event.n_fits else logging.WARNING
+        log.log(
+            level,
+            "%s finished: %d/%d converged in %.3f s, statuses %s",
+            event.batch_id,
+            event.n_converged,
+            event.n_fits,
+            event.elapsed,
+            event.counts,
+            extra=extra,
+        )

@@ -188,7 +188,9 @@ class Subscription:
                 self._pending.clear()
                 return
             self._side.popleft()
-            if self.fit_id is not None and isinstance(ev, TERMINAL):
+            # The subscribed fit's own terminal event ends the stream (a batch's per-fit
+            # FitFinished events, "<batch_id>/<i>", do not).
+            if self.fit_id is not None and isinstance(ev, TERMINAL) and ev.fit_id == self.fit_id:
                 self._ended = True
                 self._send.close()
                 if self._hub is not None:  # a finished fit needs no routing any more

@@ -165,11 +165,12 @@ class HubChannel(Channel):
         if head:
             HUB.publish(Batch(self.fit_id, head))
 
-    def finish(self, terminal: Event) -> None:
-        """Publish what is left (the start, the held-back last rows) and ``terminal``."""
+    def finish(self, *tail: Event) -> None:
+        """Publish what is left (the start, the held-back last rows), then ``tail`` (ending with
+        the terminal event)."""
         held, self._held = self._held, None
         rows, t = held if held is not None else (None, 0.0)
-        HUB.publish(Batch(self.fit_id, self._head(), rows=rows, time=t, tail=[terminal]))
+        HUB.publish(Batch(self.fit_id, self._head(), rows=rows, time=t, tail=list(tail)))
 
 
 _LIVE: weakref.WeakValueDictionary[str, HubChannel] = weakref.WeakValueDictionary()  # watched fits
@@ -199,6 +200,17 @@ def publish_terminal(fit_id: str, res: OptimizeResult | None, error: BaseExcepti
         channel.finish(terminal)
     else:
         HUB.publish(Batch(fit_id, [terminal]))
+
+
+def publish_end(fit_id: str, tail: Sequence[Event]) -> None:
+    """End the watch of ``fit_id`` (no longer stoppable) and publish ``tail``, which ends with the
+    terminal event, after whatever its channel still holds."""
+    channel = _LIVE.pop(fit_id, None)
+    _control.unregister(fit_id)
+    if channel is not None:
+        channel.finish(*tail)
+    else:
+        HUB.publish(Batch(fit_id, list(tail)))
 
 
 def describe(error: BaseException | None) -> str:
