@@ -27,6 +27,7 @@ from .events import FitStarted as FitStarted
 from .events import Iteration as Iteration
 from .faces.batch import curve_fit_batch as curve_fit_batch
 from .faces.batch import fit_stream_batch as fit_stream_batch
+from .faces.batch import least_squares_batch as least_squares_batch
 from .faces.streaming import fit_stream as fit_stream
 from .faces.streaming import least_squares_stream as least_squares_stream
 from .faces.sync import curve_fit as curve_fit
@@ -60,6 +61,7 @@ __all__ = [
     "fit_stream_batch",
     "iter_events",
     "least_squares",
+    "least_squares_batch",
     "least_squares_stream",
     "replay",
     "sinks",

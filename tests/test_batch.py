@@ -79,7 +79,7 @@ def test_every_fit_matches_the_same_fit_done_alone_and_scipy():
 
 
 def test_trf_bounds_sigma_and_per_fit_inputs_match_lone_fits():
-    truth, y = spectra(12, seed=1)
+    _, y = spectra(12, seed=1)
     rng = np.random.default_rng(2)
     x = X + 0.01 * rng.standard_normal((12, X.size))  # per-fit abscissae
     sigma = rng.uniform(0.03, 0.08, (12, X.size))
@@ -279,3 +279,28 @@ async def test_stop_ends_every_running_fit_with_its_best_parameters():
     stopped = res.status == -2
     assert stopped.any() and np.isfinite(res.popt[stopped]).all()
     assert ev.stopped if isinstance(ev, BatchFinished) else False
+
+
+def _rosen(x, t):
+    return jnp.array([x[0] - t, 10.0 * (x[1] - x[0] ** 2)])
+
+
+@pytest.mark.parametrize("method", ["trf", "lm"])
+def test_least_squares_batch_matches_lone_least_squares(method):
+    t = np.linspace(-1.0, 2.0, 7)
+    x0 = np.stack([t - 0.5, np.zeros_like(t)], axis=1)
+    res = ns.least_squares_batch(_rosen, x0, args=(t,), method=method)
+    assert res.success.all() and res.param_names == ("x[0]", "x[1]")
+    for i in range(t.size):
+        lone_res = ns.least_squares(_rosen, x0[i], args=(t[i],), method=method)
+        np.testing.assert_allclose(res.popt[i], lone_res.x, rtol=RTOL, atol=1e-12)
+        assert res.nfev[i] == lone_res.nfev
+
+
+def test_least_squares_batch_bad_arguments():
+    with pytest.raises(ValueError, match=r"x0.*2-D"):
+        ns.least_squares_batch(_rosen, np.zeros(2), args=(np.ones(1),))
+    with pytest.raises(ValueError, match=r"args\[0\].*3 problems"):
+        ns.least_squares_batch(_rosen, np.zeros((3, 2)), args=(np.ones(2),))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ns.least_squares_batch(_rosen, np.zeros((3, 2)), args=(np.ones(3),), sigma=1.0)

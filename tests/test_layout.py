@@ -72,6 +72,7 @@ SURFACE = {
         "fit_stream_batch",
         "iter_events",
         "least_squares",
+        "least_squares_batch",
         "least_squares_stream",
         "replay",
         "sinks",

@@ -16,12 +16,13 @@ from .._result import BatchResult
 from ..sinks import default_display
 from ..solver import batch as solver_batch
 from ..solver.curve_fit_batch import prepare_curve_fit_batch
+from ..solver.least_squares_batch import prepare_least_squares_batch
 from ..stream.batch import BatchJob, new_batch_id, run_batch_sync
 from ..stream.fit_stream import FitStream
 from ..stream.hub import POLICIES, Policy
 from ..stream.pipeline import check_sinks
 
-__all__ = ["curve_fit_batch", "fit_stream_batch"]
+__all__ = ["curve_fit_batch", "fit_stream_batch", "least_squares_batch"]
 
 
 def _check_run_options(batch_size: Any, trials: Any) -> None:
@@ -79,6 +80,41 @@ def curve_fit_batch(
     prep = prepare_curve_fit_batch(
         f, xdata, ydata, p0, sigma, absolute_sigma, bounds, method, mask, nan_policy, **kwargs
     )
+    job = BatchJob(prep, trials, batch_size, bool(per_fit_events))
+    return run_batch_sync(job, watchers, default_display)
+
+
+def least_squares_batch(
+    fun: Callable[..., Any],
+    x0: Any,
+    jac: Callable[..., Any] | str | None = None,
+    bounds: Any = (-np.inf, np.inf),
+    method: str = "trf",
+    args: Sequence[Any] = (),
+    kwargs: Any = None,
+    *,
+    batch_size: int = solver_batch.DEFAULT_BATCH_SIZE,
+    trials: int = solver_batch.DEFAULT_TRIALS,
+    sinks: Sequence[Any] | None = None,
+    per_fit_events: bool = False,
+    **options: Any,
+) -> BatchResult:
+    """Solve N least-squares problems of one residual function ``fun(x, *args, **kwargs)``.
+
+    ``x0`` is (N, n); every array in ``args`` has the N problems on its first axis; ``kwargs``
+    are shared. Options are ``least_squares``'s (``ftol``, ``xtol``, ``gtol``, ``x_scale``,
+    ``loss``, ``f_scale``, ``max_nfev``, ``verbose``). The result's ``popt`` holds each
+    problem's ``x``, and ``pcov`` is ``inv(J^T J)`` scaled by ``2 cost / (m - n)``.
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> fun = lambda x, t: jnp.array([x[0] - t, 10.0 * (x[1] - x[0] ** 2)])
+    >>> res = least_squares_batch(fun, np.zeros((2, 2)), args=(np.array([1.0, 2.0]),))
+    >>> np.round(res.popt, 6).tolist()
+    [[1.0, 1.0], [2.0, 4.0]]
+    """
+    _check_run_options(batch_size, trials)
+    watchers = check_sinks(sinks)
+    prep = prepare_least_squares_batch(fun, x0, jac, bounds, method, args, kwargs, **options)
     job = BatchJob(prep, trials, batch_size, bool(per_fit_events))
     return run_batch_sync(job, watchers, default_display)
 

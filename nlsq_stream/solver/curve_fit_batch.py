@@ -51,9 +51,9 @@ class PreparedBatch:
         pcov = out.cov.copy()
         dof = self.points - n
         if not self.absolute_sigma:
-            with np.errstate(invalid="ignore", divide="ignore"):
+            with np.errstate(invalid="ignore", divide="ignore"):  # inf * 0 where dof <= 0: NaN
                 scale = np.where(dof > 0, 2.0 * out.cost / np.where(dof > 0, dof, 1), np.inf)
-            pcov = pcov * scale[:, None, None]
+                pcov = pcov * scale[:, None, None]
         singular = np.isnan(out.cov).any(axis=(1, 2))
         pcov[singular] = np.inf
         failed = (status == engine.STATUS_NONFINITE_START) | (status == STATUS_TOO_FEW_POINTS)
