@@ -18,7 +18,7 @@ from ..replay import iter_events
 from ..sinks import ConsoleSink
 from .demo import run_demo
 
-BENCHES = ("solver", "emit", "stop", "slow", "all")
+BENCHES = ("solver", "emit", "batch", "stop", "slow", "all")
 
 
 def _positive_int(text: str) -> int:
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="measure speed against scipy, emission overhead, stream and stop latency, slow "
-        "consumers",
+        help="measure speed against scipy, emission overhead, batched fits, stream and stop "
+        "latency, slow consumers",
         description="Benchmarks measured side by side in one process (medians of repeats after "
         "a warm-up), each printed with its target and PASS or MISS.",
     )
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_sizes,
         default=None,
         metavar="N[,N...]",
-        help="problem sizes for solver and emit (default: 1e3,1e5,1e6)",
+        help="problem sizes: points per fit for solver and emit (default: 1e3,1e5,1e6); "
+        "number of fits for batch (default: 1e2,1e3,1e4,1e5; --quick: 1e2,1e3)",
     )
     for name, text in (
         ("replay", "print scipy's verbose=2 table again from a JSONL event log"),
