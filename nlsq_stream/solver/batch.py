@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,7 +31,8 @@ from jax import Array
 
 from . import engine
 
-DEFAULT_TRIALS = 12  # trials per chunk: most well-started fits of a few parameters end in one
+DEFAULT_TRIALS = 16  # most trials per chunk: most well-started fits of a few parameters end in one
+TARGET_INTERVAL = 0.05  # seconds a chunk should last: the latency of a stop and of progress
 MIN_BUCKET = 16  # the smallest padded batch (below it a chunk costs about the same)
 BUCKET_FACTOR = 4  # bucket sizes are MIN_BUCKET * BUCKET_FACTOR**j: few programs to compile
 DEFAULT_BATCH_SIZE = 1 << 16  # fits in one piece
@@ -223,56 +225,69 @@ def _run_piece(
     stop: threading.Event | None,
     on_chunk: Callable[[Progress], None] | None,
 ) -> None:
-    """Chunks of one piece until every fit in it ended: start, then compact and resume."""
+    """Chunks of one piece until every fit in it ended: start, then resume, compacting the
+    running fits whenever they fit a smaller bucket (ended fits are otherwise left in place:
+    their loops do nothing, and no data is gathered)."""
     n = batch.vectors.shape[2]
-    k = np.int32(trials)
     statics = dict(problem=batch.problem, config=batch.config, treedef=treedef, axes=axes)
-    # The piece's per-fit data moves to the device once; each chunk gathers its running fits.
+    # The piece's per-fit data moves to the device once; a compaction gathers the running fits.
     vectors = jax.device_put(batch.vectors[piece])
     local = [
         jax.device_put(np.asarray(leaf)[piece]) if ax == 0 else leaf
         for leaf, ax in zip(leaves, axes, strict=True)
     ]
-    active = np.arange(piece.size)  # positions in the piece of the fits still running
-    size = bucket(active.size, piece.size)
-    sel = _padded(active, size)
+    lanes = np.arange(piece.size)  # lane -> position in the piece
+    live = np.ones(piece.size, bool)  # lanes whose fit still runs (padding lanes never do)
+    lane_vectors, lane_leaves = vectors, local
+    k = trials
+    started = time.perf_counter()
     flat, packed = start_program(
-        vectors=_take(vectors, sel),
-        scalars=batch.scalars,
-        leaves=_gather(local, axes, sel),
-        k=k,
-        **statics,
+        vectors=vectors, scalars=batch.scalars, leaves=local, k=np.int32(k), **statics
     )
+    first = True
     while True:
-        rows = engine.fetch(packed)[: active.size]
+        rows = engine.fetch(packed)
+        chunk_s = time.perf_counter() - started
         out.chunks += 1
-        out.buckets += (size,)
-        status = rows[:, -1]
-        ended = status != engine.RUNNING
-        stopping = stop is not None and stop.is_set()
-        if stopping:
+        out.buckets += (lanes.size,)
+        ended = live & (rows[:, -1] != engine.RUNNING)
+        if stop is not None and stop.is_set():
             rows = rows.copy()
-            rows[~ended, -1] = engine.STATUS_STOPPED
-            ended[:] = True
-        out.store(piece[active[ended]], rows[ended], n)
-        _update(progress, out, piece[active], rows)
-        keep = np.nonzero(~ended)[0]
+            rows[live & ~ended, -1] = engine.STATUS_STOPPED
+            ended = live.copy()
+        seen = live.copy()
+        out.store(piece[lanes[ended]], rows[ended], n)
+        live &= ~ended
+        _update(progress, out, piece[lanes[seen]], rows[seen])
         if on_chunk is not None:
             on_chunk(progress)
-        if keep.size == 0:
+        if not live.any():
             return
-        active = active[keep]
-        size = bucket(active.size, piece.size)
-        sel = _padded(active, size)
-        carry = _take(flat, _padded(keep, size))
+        if not first:  # the first chunk's time includes compiling: it predicts nothing
+            k = _next_trials(chunk_s, k, trials)
+        first = False
+        size = bucket(int(live.sum()), piece.size)
+        if size < lanes.size:
+            keep = _padded(np.nonzero(live)[0], size)
+            flat, lanes = _take(flat, keep), lanes[keep]
+            live = ~_is_padding(keep)
+            lane_vectors, lane_leaves = _take(vectors, lanes), _gather(local, axes, lanes)
+        started = time.perf_counter()
         flat, packed = resume_program(
-            vectors=_take(vectors, sel),
+            vectors=lane_vectors,
             scalars=batch.scalars,
-            leaves=_gather(local, axes, sel),
-            carry=carry,
-            k=k,
+            leaves=lane_leaves,
+            carry=flat,
+            k=np.int32(k),
             **statics,
         )
+
+
+def _next_trials(chunk_s: float, k: int, most: int) -> int:
+    """Trials for the next chunk so that it lasts about ``TARGET_INTERVAL`` (a stop request
+    and a progress event then wait at most that long)."""
+    per_trial = max(chunk_s / k, 1e-7)
+    return int(min(max(TARGET_INTERVAL / per_trial, 1), most))
 
 
 def _padded(idx: np.ndarray, size: int) -> np.ndarray:
@@ -280,6 +295,14 @@ def _padded(idx: np.ndarray, size: int) -> np.ndarray:
     if idx.size == size:
         return idx.astype(np.int32)
     return np.concatenate([idx, np.full(size - idx.size, idx[0])]).astype(np.int32)
+
+
+def _is_padding(idx: np.ndarray) -> np.ndarray:
+    """The repeats ``_padded`` appended (every entry after the first of a repeated value)."""
+    out = np.zeros(idx.size, bool)
+    _, first = np.unique(idx, return_index=True)
+    out[np.setdiff1d(np.arange(idx.size), first)] = True
+    return out
 
 
 def _take(a: Any, idx: np.ndarray) -> Array:

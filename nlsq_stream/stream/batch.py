@@ -14,6 +14,7 @@ still running ends with status -2 and its best parameters so far.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 import warnings
@@ -75,7 +76,7 @@ class BatchJob:
         self.interval = interval
         self._t0 = time.time()
         self._last_emit = 0.0
-        self._last: BatchProgress | None = None  # made but not published yet
+        self._last: tuple[solver_batch.Progress, float] | None = None  # not published yet
 
     def started(self, batch_id: str) -> Event:
         self._t0 = time.time()
@@ -105,10 +106,21 @@ class BatchJob:
         return self.prep.result(out)
 
     def _progress(self, batch_id: str, p: solver_batch.Progress) -> None:
+        """Publish where the batch stands, at most once per ``interval``; otherwise keep a copy
+        of it for the end (the quantiles are computed only for what is published)."""
         now = time.time()
+        snapshot = dataclasses.replace(p, costs=p.costs.copy())
+        if now - self._last_emit >= self.interval and p.n_running:
+            self._last_emit = now
+            self._last = None
+            HUB.publish(Batch(batch_id, [self._event(batch_id, snapshot, now)]))
+        else:
+            self._last = (snapshot, now)  # the last one always goes out, with the end
+
+    def _event(self, batch_id: str, p: solver_batch.Progress, now: float) -> BatchProgress:
         costs = p.costs[np.isfinite(p.costs)]
         q = np.quantile(costs, QUANTILES) if costs.size else np.full(len(QUANTILES), np.nan)
-        ev = BatchProgress(
+        return BatchProgress(
             batch_id,
             iteration=p.chunk,
             n_fits=p.n_fits,
@@ -120,15 +132,9 @@ class BatchJob:
             elapsed=now - self._t0,
             time=now,
         )
-        if now - self._last_emit >= self.interval and p.n_running:
-            self._last_emit = now
-            self._last = None
-            HUB.publish(Batch(batch_id, [ev]))
-        else:
-            self._last = ev  # the last one always goes out, with the end
 
     def publish_end(self, batch_id: str, result: Any, error: BaseException | None) -> None:
-        tail: list[Event] = [] if self._last is None else [self._last]
+        tail: list[Event] = [] if self._last is None else [self._event(batch_id, *self._last)]
         now = time.time()
         if isinstance(result, BatchResult) and error is None:
             if self.per_fit_events:
