@@ -39,6 +39,7 @@ from ..faces.batch import curve_fit_batch
 from ..faces.sync import curve_fit
 from ..solver import batch as solver_batch
 from ..solver.curve_fit_batch import prepare_curve_fit_batch
+from .batch_watch import bench_batch_watch
 from .common import (
     SEED,
     BenchOptions,
@@ -381,3 +382,4 @@ def bench_batch(opts: BenchOptions) -> None:
         _say(opts, f"   optimistix skipped: {optx_note}")
     for dtype in (np.float64, np.float32):
         _bench_dtype(opts, dtype, sizes, scipy_fit)
+    bench_batch_watch(opts, gauss_model(), gauss_data)
