@@ -12,6 +12,8 @@ solver never waits for the watchers. See ``docs/architecture.rst``.
 from . import async_logger as async_logger
 from . import events as events
 from . import sinks as sinks
+from ._compile_cache import compile_cache_from_environment as _compile_cache_from_environment
+from ._compile_cache import enable_compile_cache as enable_compile_cache
 from ._control import stop_fit as stop_fit
 from ._exceptions import FitError as FitError
 from ._exceptions import SinkError as SinkError
@@ -44,6 +46,7 @@ __all__ = [
     "SinkError",
     "async_logger",
     "curve_fit",
+    "enable_compile_cache",
     "events",
     "fit_stream",
     "iter_events",
@@ -56,3 +59,5 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_compile_cache_from_environment()
