@@ -7,6 +7,8 @@ a warm-up, and the figures are medians, so that a noisy machine slows both sides
 * ``emit``: the cost of watching a fit (``verbose=2`` into a console sink writing to
   ``os.devnull``, against ``verbose=0``), and how late a live ``fit_stream`` consumer sees each
   iteration.
+* ``cold``: the first fit of a fresh process, without and with the persistent compile cache
+  (fresh subprocesses).
 * ``stop``: how long ``stream.stop()`` takes to end a running fit.
 
 Latency and stop use a fit that runs as long as asked: ``y = x a^4`` fitted to zeros. Its Jacobian
@@ -23,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from .cold import bench_cold
 from .common import BenchOptions, _ms, _say
 from .emit import bench_emit_overhead
 from .latency import bench_emit_latency, bench_slow_consumer, bench_stop
@@ -48,6 +51,8 @@ def run_bench(which: str, opts: BenchOptions) -> int:
     if which in ("emit", "all"):
         bench_emit_overhead(opts)
         bench_emit_latency(opts)
+    if which in ("cold", "all"):
+        bench_cold(opts)
     if which in ("stop", "all"):
         bench_stop(opts)
     if which in ("slow", "all"):
