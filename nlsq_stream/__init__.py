@@ -15,6 +15,7 @@ from . import sinks as sinks
 from ._compile_cache import compile_cache_from_environment as _compile_cache_from_environment
 from ._compile_cache import enable_compile_cache as enable_compile_cache
 from ._control import stop_fit as stop_fit
+from ._dispatch import enable_inline_dispatch as enable_inline_dispatch
 from ._exceptions import FitError as FitError
 from ._exceptions import SinkError as SinkError
 from ._result import OptimizeResult as OptimizeResult
@@ -47,6 +48,7 @@ __all__ = [
     "async_logger",
     "curve_fit",
     "enable_compile_cache",
+    "enable_inline_dispatch",
     "events",
     "fit_stream",
     "iter_events",

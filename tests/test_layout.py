@@ -27,6 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "_exceptions": set(),
     # JAX's persistent compilation cache, off unless asked (bottom: imports nothing)
     "_compile_cache": set(),
+    # running CPU programs on the calling thread, an explicit opt-in (bottom: imports nothing)
+    "_dispatch": set(),
     # events may import _result: both are bottom-level value modules (FitFinished.result is an
     # OptimizeResult), and _result imports nothing of the package, so no circle can form
     "events": {"_result"},
@@ -39,7 +41,16 @@ ALLOWED: dict[str, set[str]] = {
     "async_logger": {"stream", "events", "_result"},
     "replay": {"events"},
     "notebook": {"sinks"},
-    "benchmarks": {"faces", "solver", "stream", "sinks", "events", "_result", "_compile_cache"},
+    "benchmarks": {
+        "faces",
+        "solver",
+        "stream",
+        "sinks",
+        "events",
+        "_result",
+        "_compile_cache",
+        "_dispatch",
+    },
     "cli": {"benchmarks", "faces", "events", "replay", "sinks", "_compile_cache"},
 }
 
@@ -65,6 +76,7 @@ SURFACE = {
         "async_logger",
         "curve_fit",
         "enable_compile_cache",
+        "enable_inline_dispatch",
         "events",
         "fit_stream",
         "iter_events",
