@@ -17,7 +17,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 import nlsq_stream
 from nlsq_stream import _compile_cache
-from nlsq_stream.benchmarks.cold import child_env, first_fit_in_new_process
+from nlsq_stream.benchmarks.cold import first_fit_in_new_process
+from nlsq_stream.benchmarks.common import child_env
 
 _SETTINGS = (
     "jax_compilation_cache_dir",

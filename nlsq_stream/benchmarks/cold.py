@@ -12,15 +12,13 @@ fills the folder), with a 95 % interval over the rounds.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from .common import BenchOptions, _say, _verdict, ratio_interval
+from .common import BenchOptions, _say, _verdict, child_env, ratio_interval
 
 COLD_TARGET = 0.3  # second process's first fit / first process's first fit
 
@@ -48,15 +46,6 @@ second = time.perf_counter() - t
 hits = sum(e == "/jax/compilation_cache/cache_hits" for e in events)
 print(json.dumps(dict(first=first, second=second, hits=hits)))
 """
-
-
-def child_env() -> dict[str, str]:
-    """This environment, the cache variable removed, with this copy of the package first on
-    ``PYTHONPATH`` (a child imports the package under test, not another installed copy)."""
-    env = {k: v for k, v in os.environ.items() if k != "NLSQ_STREAM_COMPILE_CACHE"}
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
 
 
 def first_fit_in_new_process(cache: str) -> dict[str, Any]:
