@@ -12,7 +12,10 @@ solver never waits for the watchers. See ``docs/architecture.rst``.
 from . import async_logger as async_logger
 from . import events as events
 from . import sinks as sinks
+from ._compile_cache import compile_cache_from_environment as _compile_cache_from_environment
+from ._compile_cache import enable_compile_cache as enable_compile_cache
 from ._control import stop_fit as stop_fit
+from ._dispatch import enable_inline_dispatch as enable_inline_dispatch
 from ._exceptions import FitError as FitError
 from ._exceptions import SinkError as SinkError
 from ._result import BatchResult as BatchResult
@@ -56,6 +59,8 @@ __all__ = [
     "async_logger",
     "curve_fit",
     "curve_fit_batch",
+    "enable_compile_cache",
+    "enable_inline_dispatch",
     "events",
     "fit_stream",
     "fit_stream_batch",
@@ -70,3 +75,5 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_compile_cache_from_environment()

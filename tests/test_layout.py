@@ -25,6 +25,10 @@ ALLOWED: dict[str, set[str]] = {
     "_result": set(),
     "_control": set(),
     "_exceptions": set(),
+    # JAX's persistent compilation cache, off unless asked (bottom: imports nothing)
+    "_compile_cache": set(),
+    # running CPU programs on the calling thread, an explicit opt-in (bottom: imports nothing)
+    "_dispatch": set(),
     # events may import _result: both are bottom-level value modules (FitFinished.result is an
     # OptimizeResult), and _result imports nothing of the package, so no circle can form
     "events": {"_result"},
@@ -37,8 +41,17 @@ ALLOWED: dict[str, set[str]] = {
     "async_logger": {"stream", "events", "_result"},
     "replay": {"events"},
     "notebook": {"sinks"},
-    "benchmarks": {"faces", "solver", "stream", "sinks", "events", "_result"},
-    "cli": {"benchmarks", "faces", "events", "replay", "sinks"},
+    "benchmarks": {
+        "faces",
+        "solver",
+        "stream",
+        "sinks",
+        "events",
+        "_result",
+        "_compile_cache",
+        "_dispatch",
+    },
+    "cli": {"benchmarks", "faces", "events", "replay", "sinks", "_compile_cache"},
 }
 
 # Imports inside a function are allowed only where the target needs an optional extra, so that
@@ -67,6 +80,8 @@ SURFACE = {
         "async_logger",
         "curve_fit",
         "curve_fit_batch",
+        "enable_compile_cache",
+        "enable_inline_dispatch",
         "events",
         "fit_stream",
         "fit_stream_batch",

@@ -10,6 +10,8 @@ a warm-up, and the figures are medians, so that a noisy machine slows both sides
 * ``batch``: ``curve_fit_batch`` on N Gaussian peaks (N = 1e2 ... 1e5) against Python loops of
   scipy's and our ``curve_fit`` and against optimistix's Levenberg-Marquardt under ``jax.vmap``,
   in float64 and float32.
+* ``cold``: the first fit of a fresh process, without and with the persistent compile cache
+  (fresh subprocesses).
 * ``stop``: how long ``stream.stop()`` takes to end a running fit.
 
 Latency and stop use a fit that runs as long as asked: ``y = x a^4`` fitted to zeros. Its Jacobian
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from .batch import bench_batch
+from .cold import bench_cold
 from .common import BenchOptions, _ms, _say
 from .emit import bench_emit_overhead
 from .latency import bench_emit_latency, bench_slow_consumer, bench_stop
@@ -54,6 +57,8 @@ def run_bench(which: str, opts: BenchOptions) -> int:
         bench_emit_latency(opts)
     if which in ("batch", "all"):
         bench_batch(opts)
+    if which in ("cold", "all"):
+        bench_cold(opts)
     if which in ("stop", "all"):
         bench_stop(opts)
     if which in ("slow", "all"):
