@@ -429,9 +429,11 @@ def event_from_json(line: str | bytes) -> Event:
 
 
 __all__ = [
+    "ROW_COLUMNS",
     "SCHEMA_VERSION",
     "TERMINAL",
     "Event",
+    "EventBatch",
     "EventDecodeError",
     "FitFailed",
     "FitFinished",
@@ -439,4 +441,5 @@ __all__ = [
     "Iteration",
     "event_from_dict",
     "event_from_json",
+    "iterations_from_rows",
 ]

@@ -81,15 +81,18 @@ SURFACE = {
     ],
     "nlsq_stream.events": [
         "Event",
+        "EventBatch",
         "EventDecodeError",
         "FitFailed",
         "FitFinished",
         "FitStarted",
         "Iteration",
+        "ROW_COLUMNS",
         "SCHEMA_VERSION",
         "TERMINAL",
         "event_from_dict",
         "event_from_json",
+        "iterations_from_rows",
     ],
     "nlsq_stream.async_logger": [
         "FIT_ID",
