@@ -54,7 +54,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, ClassVar
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, overload
 
 import numpy as np
 
@@ -310,6 +312,100 @@ Event = (
     FitStarted | Iteration | FitFinished | FitFailed | BatchStarted | BatchProgress | BatchFinished
 )
 TERMINAL = (FitFinished, FitFailed, BatchFinished)
+
+ROW_COLUMNS = ("iteration", "nfev", "cost", "cost_reduction", "step_norm", "optimality")
+"""The head columns of an iteration row (see :class:`EventBatch`); the parameters follow."""
+
+
+def iterations_from_rows(fit_id: str, rows: Any, t: float) -> list[Iteration]:
+    """The Iteration events of rows ``[iteration, nfev, cost, reduction, step_norm, optimality,
+    *params]`` (``reduction`` and ``step_norm`` are ignored for iteration 0), all at ``t``.
+
+    Built in bulk: the head columns become Python numbers in one ``tolist``, every event's
+    ``params`` is a row of one float64 copy of the parameter columns, and each event's fields
+    are set at once (the frozen dataclass's ``__init__`` sets them one by one through
+    ``object.__setattr__``; the result is the same, checked in ``tests/test_hub.py``).
+    """
+    rows = np.asarray(rows)
+    if rows.shape[0] == 0:
+        return []
+    heads = rows[:, : len(ROW_COLUMNS)].tolist()
+    params = np.array(rows[:, len(ROW_COLUMNS) :], dtype=np.float64)
+    new = object.__new__
+    out: list[Iteration] = []
+    for (it, nfev, cost, red, step, opt), p in zip(heads, params, strict=True):
+        ev = new(Iteration)
+        ev.__dict__.update(
+            fit_id=fit_id,
+            iteration=int(it),
+            nfev=int(nfev),
+            cost=cost,
+            cost_reduction=None if it == 0 else red,
+            step_norm=None if it == 0 else step,
+            optimality=opt,
+            params=p,
+            time=t,
+        )
+        out.append(ev)
+    return out
+
+
+_DECODE_LOCK = threading.Lock()
+
+
+class EventBatch(Sequence[Event]):
+    """Events of one fit handed over together: ``head`` (events), then one Iteration event per
+    row of ``rows``, then ``tail`` (events). A read-only sequence of events.
+
+    ``rows`` is one float64 array, a row per iteration: the columns ``ROW_COLUMNS``, then the
+    parameters, every row at ``time``. The Iteration events are built from it only when the
+    batch is read as a sequence (once, in bulk, thread-safely); a sink that can use the rows as
+    they are (the console table, the JSON lines) reads ``head``, ``rows`` and ``tail`` instead.
+    """
+
+    __slots__ = ("_events", "fit_id", "head", "rows", "tail", "time")
+
+    def __init__(
+        self,
+        fit_id: str,
+        events: Sequence[Event] | None = None,
+        rows: np.ndarray | None = None,
+        time: float = 0.0,
+        tail: Sequence[Event] = (),
+    ) -> None:
+        self.fit_id = fit_id
+        self.head: list[Event] = list(events) if events is not None else []
+        self.tail: list[Event] = list(tail)
+        self.rows = rows if rows is None or rows.shape[0] else None
+        self.time = time
+        self._events: list[Event] | None = None if self.rows is not None else self.head + self.tail
+
+    def events(self) -> list[Event]:
+        """Every event, in order, as a list (built on first use)."""
+        if self._events is None:
+            with _DECODE_LOCK:  # one lock for all batches: decoding is rare and short
+                if self._events is None:
+                    its = iterations_from_rows(self.fit_id, self.rows, self.time)
+                    self._events = [*self.head, *its, *self.tail]
+        return self._events
+
+    def __len__(self) -> int:
+        rows = 0 if self.rows is None else self.rows.shape[0]
+        return len(self.head) + rows + len(self.tail)
+
+    @overload
+    def __getitem__(self, i: int) -> Event: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Event]: ...
+
+    def __getitem__(self, i: int | slice) -> Event | list[Event]:
+        return self.events()[i]
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events())
+
+
 _TYPES: dict[str, type[_Base]] = {
     c.TYPE: c
     for c in (
@@ -529,12 +625,14 @@ def event_from_json(line: str | bytes) -> Event:
 
 __all__ = [
     "QUANTILES",
+    "ROW_COLUMNS",
     "SCHEMA_VERSION",
     "TERMINAL",
     "BatchFinished",
     "BatchProgress",
     "BatchStarted",
     "Event",
+    "EventBatch",
     "EventDecodeError",
     "FitFailed",
     "FitFinished",
@@ -542,4 +640,5 @@ __all__ = [
     "Iteration",
     "event_from_dict",
     "event_from_json",
+    "iterations_from_rows",
 ]

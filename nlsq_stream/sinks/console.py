@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import sys
 from collections.abc import Sequence
 from typing import IO, Literal
+
+import numpy as np
 
 from ..events import (
     BatchFinished,
     BatchProgress,
     BatchStarted,
     Event,
+    EventBatch,
     FitFailed,
     FitFinished,
     FitStarted,
@@ -27,6 +32,36 @@ def _fmt_row(ev: Iteration) -> str:
 HEADER = "{:^15}{:^15}{:^15}{:^15}{:^15}{:^15}".format(
     "Iteration", "Total nfev", "Cost", "Cost reduction", "Step norm", "Optimality"
 )
+# The table's rows straight from an EventBatch's rows, the same text as ``_fmt_row``: the
+# numbers are formatted with ``%`` (``%.2e`` is ``{:.2e}``; the iteration and nfev columns hold
+# whole numbers, which ``%.0f`` prints as ``int`` would), then centred by one ``str.format``:
+# ``{:^15.2e}`` does both at once but took 1.6 times as long.
+_NUMBERS = "%.0f\x00%.0f\x00%.4e\x00%.2e\x00%.2e\x00%.2e"
+_NUMBERS0 = "%.0f\x00%.0f\x00%.4e\x00%.2e"  # iteration 0: no reduction, no step
+_CENTRED = "{:^15}" * 6
+_CENTRED0 = "{:^15}{:^15}{:^15}" + " " * 30 + "{:^15}"
+
+
+def table_rows(rows: np.ndarray) -> list[str]:
+    """The table rows of record rows ``[iteration, nfev, cost, reduction, step_norm,
+    optimality, ...]`` in one pass (one ``tolist``, then one ``%`` and one ``str.format`` for all
+    rows but iteration 0): the same lines as formatting each row's Iteration event."""
+    values = rows[:, :6].tolist()
+    out: list[str] = []
+    if values[0][0] == 0:
+        it, nfev, cost, _, _, opt = values.pop(0)
+        out.append(_CENTRED0.format(*(_NUMBERS0 % (it, nfev, cost, opt)).split("\x00")))
+    if values:
+        numbers_template, centred_template = _templates(len(values))
+        numbers = (numbers_template % tuple(itertools.chain.from_iterable(values))).split("\x00")
+        out += centred_template.format(*numbers).split("\n")
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _templates(k: int) -> tuple[str, str]:
+    """The ``%`` and ``str.format`` templates of ``k`` table rows."""
+    return "\x00".join([_NUMBERS] * k), "\n".join([_CENTRED] * k)
 
 
 def progress_line(ev: BatchProgress) -> str:
@@ -65,10 +100,15 @@ class ConsoleSink:
     On a terminal a batch's progress line is redrawn in place; a file gets one line per
     ``BatchProgress`` event.
 
+    An inline sink (``inline = True``): the sync face calls ``write_batch`` in the caller's
+    thread, between the fit's chunks, with no thread or event loop; ``fit_stream`` and a fit that
+    also has async sinks use ``send_batch``, which does the same.
+
     >>> sink = ConsoleSink()   # prints to sys.stdout; ConsoleSink(file=f) to print elsewhere
     """
 
     policy: Literal["lossless", "latest"] = "lossless"
+    inline = True
 
     def __init__(self, file: IO[str] | None = None) -> None:
         self._file = file
@@ -80,16 +120,21 @@ class ConsoleSink:
     def file(self) -> IO[str]:
         return self._file if self._file is not None else sys.stdout
 
-    async def send_batch(self, events: Sequence[Event]) -> None:
-        if any(isinstance(ev, BatchProgress) for ev in events) and _isatty(self.file):
-            self._redraw(events)
-            return
-        lines: list[str] = []
-        for ev in events:
-            lines.extend(self.format(ev))
+    def write_batch(self, events: Sequence[Event]) -> None:
+        """Print the lines of ``events`` (one write and one flush); on a terminal a batch's
+        progress line is redrawn in place."""
+        if (not isinstance(events, EventBatch) or events.rows is None) and _isatty(self.file):
+            if any(isinstance(ev, BatchProgress) for ev in events):
+                self._redraw(events)
+                return
+        lines = self.lines(events)
         if lines:
-            self.file.write("\n".join(lines) + "\n")
-            self.file.flush()
+            file = self.file
+            file.write("\n".join(lines) + "\n")
+            file.flush()
+
+    async def send_batch(self, events: Sequence[Event]) -> None:
+        self.write_batch(events)
 
     def _redraw(self, events: Sequence[Event]) -> None:
         """On a terminal: the latest progress line replaces the previous one."""
@@ -107,7 +152,19 @@ class ConsoleSink:
         self.file.flush()
 
     async def send(self, event: Event) -> None:
-        await self.send_batch([event])
+        self.write_batch([event])
+
+    def lines(self, events: Sequence[Event]) -> list[str]:
+        """The lines this sink prints for ``events``; an EventBatch's rows are formatted as they
+        are, with no Iteration event built."""
+        if not isinstance(events, EventBatch) or events.rows is None:
+            return [line for ev in events for line in self.format(ev)]
+        out = [line for ev in events.head for line in self.format(ev)]
+        if self._initial_cost is None:
+            self._initial_cost = float(events.rows[0, 2])
+        out += table_rows(events.rows)
+        out += [line for ev in events.tail for line in self.format(ev)]
+        return out
 
     def format(self, ev: Event) -> list[str]:
         """The lines this sink prints for one event."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from ..events import (
@@ -10,6 +11,7 @@ from ..events import (
     BatchProgress,
     BatchStarted,
     Event,
+    EventBatch,
     FitFailed,
     FitFinished,
     FitStarted,
@@ -28,6 +30,7 @@ class LoggingSink:
     """
 
     policy: Literal["lossless", "latest"] = "lossless"
+    inline = True  # ``write_batch`` runs in the caller's thread (see ConsoleSink)
 
     def __init__(self, logger: logging.Logger | str = "nlsq_stream.fit") -> None:
         if isinstance(logger, str):
@@ -36,7 +39,19 @@ class LoggingSink:
             raise TypeError(f"`logger` must be a logging.Logger or a name, got {logger!r:.60}")
         self.logger = logger
 
+    def write_batch(self, events: Sequence[Event]) -> None:
+        """Log ``events``; an EventBatch's iterations are skipped unread (no Iteration event built)
+        while the logger ignores DEBUG."""
+        if isinstance(events, EventBatch) and not self.logger.isEnabledFor(logging.DEBUG):
+            events = [*events.head, *events.tail]
+        for event in events:
+            self.log(event)
+
     async def send(self, event: Event) -> None:
+        self.log(event)
+
+    def log(self, event: Event) -> None:
+        """Log one event."""
         log = self.logger
         extra = {"nlsq_event": event}
         if isinstance(event, Iteration):
