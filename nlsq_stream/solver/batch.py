@@ -19,6 +19,7 @@ batch returns every running fit's best parameters so far, with status -2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -112,8 +113,17 @@ def _resume(
 
 
 _STATIC = ("problem", "config", "treedef", "axes")
-start_program = jax.jit(_start, static_argnames=_STATIC, **engine._Program._options(0))
-resume_program = jax.jit(_resume, static_argnames=_STATIC, **engine._Program._options(0))
+
+
+@functools.cache
+def programs() -> tuple[Any, Any]:
+    """The start and resume programs, jitted at first use: their compiler options depend on the
+    backend, and importing the package must not start it."""
+    options = engine._Program._options(0)
+    return (
+        jax.jit(_start, static_argnames=_STATIC, **options),
+        jax.jit(_resume, static_argnames=_STATIC, **options),
+    )
 
 
 def bucket(count: int, largest: int) -> int:
@@ -241,6 +251,7 @@ def _run_piece(
     lane_vectors, lane_leaves = vectors, local
     k = trials
     started = time.perf_counter()
+    start_program, resume_program = programs()
     flat, packed = start_program(
         vectors=vectors, scalars=batch.scalars, leaves=local, k=np.int32(k), **statics
     )
