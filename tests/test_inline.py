@@ -131,7 +131,9 @@ def test_no_thread_is_started_when_every_sink_is_inline():
         threading.Thread.start = started  # type: ignore[method-assign]
     assert res.success and calls == []
     assert seen[0][0] == "FitStarted" and seen[-1][0] == "FitFinished"
-    assert {(n, t) for _, n, t in [(s[0], s[1], tuple(s[2])) for s in seen]} == {(before, ())}
+    # No thread of ours while the sinks ran (a thread left by an earlier test may still end
+    # meanwhile, so the count may drop; it must never grow).
+    assert all(count <= before and not sink_threads for _, count, sink_threads in seen)
 
 
 class _Failing:
