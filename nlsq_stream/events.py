@@ -27,7 +27,8 @@ interval) and one :class:`BatchFinished`; per-fit :class:`FitFinished` events (`
      "model": str|null}
     {"schema": 1, "type": "BatchProgress", "batch_id": str, "iteration": int, "n_fits": int,
      "n_running": int, "n_converged": int, "n_failed": int, "cost_quantiles": [float x 5],
-     "nfev": int, "elapsed": float, "time": float}
+     "nfev": int, "elapsed": float, "time": float,
+     "blocks": {"total": int, "done": int, "running": int, "retried": int}}  (blocks: optional)
     {"schema": 1, "type": "BatchFinished", "batch_id": str, "n_fits": int,
      "counts": {"<status>": int, ...}, "elapsed": float, "time": float}
 
@@ -261,7 +262,9 @@ class BatchProgress(_BatchEvent):
     ``n_running + n_converged + n_failed == n_fits`` (failed: ended without converging: out of
     budget, stopped, or not finite at the start). ``cost_quantiles`` are the min, 10 %, median,
     90 % and max of the latest cost of every fit that has one, ``nfev`` the evaluations of all
-    fits so far and ``elapsed`` the seconds since the batch started.
+    fits so far and ``elapsed`` the seconds since the batch started. ``blocks`` is set only for
+    a batch run in blocks (``nlsq_stream.dask``): how many blocks in all, done, running, and
+    started more than once (their worker was lost); a log without it reads as ``None``.
     """
 
     TYPE: ClassVar[str] = "BatchProgress"
@@ -274,6 +277,13 @@ class BatchProgress(_BatchEvent):
     nfev: int
     elapsed: float
     time: float
+    blocks: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.blocks is None:
+            del out["blocks"]  # a batch in one piece writes what it always wrote
+        return out
 
     @property
     def fits_per_second(self) -> float:
@@ -566,7 +576,17 @@ def _batch_progress(d: dict[str, Any], batch_id: str, t: float) -> BatchProgress
         _int(d, "nfev"),
         _float(_require(d, "elapsed", _NUM, "a number")),
         t,
+        _blocks(d),
     )
+
+
+def _blocks(d: dict[str, Any]) -> dict[str, int] | None:
+    blocks = _optional(d, "blocks", (dict,), "an object")
+    if blocks is not None and any(
+        isinstance(v, bool) or not isinstance(v, int) for v in blocks.values()
+    ):
+        raise EventDecodeError("field 'blocks' must map names to integers")
+    return None if blocks is None else dict(blocks)
 
 
 def _batch_finished(d: dict[str, Any], batch_id: str, t: float) -> BatchFinished:

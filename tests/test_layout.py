@@ -38,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "sinks": {"events", "_control"},
     # on top of the flow
     "faces": {"solver", "stream", "sinks", "_result", "_exceptions"},
+    # fits in blocks with Dask (the dask extra): beside faces, each block one curve_fit_batch
+    "dask": {"faces", "solver", "stream", "sinks", "events", "_result", "_exceptions"},
     "async_logger": {"stream", "events", "_result"},
     "replay": {"events"},
     "notebook": {"sinks"},
@@ -129,6 +131,7 @@ SURFACE = {
     ],
     "nlsq_stream.replay": ["ReplayWarning", "iter_events", "replay"],
     "nlsq_stream.notebook": ["FitWidget", "MAX_POINTS", "in_notebook"],
+    "nlsq_stream.dask": ["BlockFit", "BlockFitError", "curvefit", "fit_blocks"],
 }
 
 
@@ -267,6 +270,8 @@ def test_functions_are_short(module):
 def test_public_surface_is_pinned(name):
     if name == "nlsq_stream.notebook":
         pytest.importorskip("anywidget", reason="the notebook extra is not installed")
+    if name == "nlsq_stream.dask":
+        pytest.importorskip("dask", reason="the dask extra is not installed")
     module = importlib.import_module(name)
     assert sorted(module.__all__) == SURFACE[name]
     for attr in module.__all__:

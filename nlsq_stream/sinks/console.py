@@ -69,8 +69,16 @@ def progress_line(ev: BatchProgress) -> str:
     median, ETA."""
     eta = ev.eta
     median = ev.cost_quantiles[2]
+    b = ev.blocks
+    blocks = (
+        ""
+        if b is None
+        else f"blocks {b.get('done', 0)}/{b.get('total', 0)} (running {b.get('running', 0)}"
+        f", retried {b.get('retried', 0)}) | "
+    )
     return (
-        f"converged {ev.n_converged}/{ev.n_fits}, failed {ev.n_failed}, running {ev.n_running}"
+        f"{blocks}converged {ev.n_converged}/{ev.n_fits}, failed {ev.n_failed}"
+        f", running {ev.n_running}"
         f" | {ev.fits_per_second:,.0f} fits/s | cost median {median:.4e}"
         f" | ETA {'?' if eta is None else f'{eta:.1f} s'}"
     )

@@ -268,8 +268,9 @@ def _p0(
             raise ValueError(f"`p0` of fit {int(np.nonzero(outside)[0][0])} is outside `bounds`")
         rstep = 1e-10
         lo, hi = x0 <= lb, x0 >= ub
-        x0[lo] = (lb + rstep * np.maximum(1, np.abs(lb)))[lo]
-        x0[hi] = (ub - rstep * np.maximum(1, np.abs(ub)))[hi]
+        with np.errstate(invalid="ignore"):  # inf - inf where a side is unbounded: not used
+            x0[lo] = (lb + rstep * np.maximum(1, np.abs(lb)))[lo]
+            x0[hi] = (ub - rstep * np.maximum(1, np.abs(ub)))[hi]
     return x0
 
 
