@@ -12,15 +12,25 @@ solver never waits for the watchers. See ``docs/architecture.rst``.
 from . import async_logger as async_logger
 from . import events as events
 from . import sinks as sinks
+from ._compile_cache import compile_cache_from_environment as _compile_cache_from_environment
+from ._compile_cache import enable_compile_cache as enable_compile_cache
 from ._control import stop_fit as stop_fit
+from ._dispatch import enable_inline_dispatch as enable_inline_dispatch
 from ._exceptions import FitError as FitError
 from ._exceptions import SinkError as SinkError
+from ._result import BatchResult as BatchResult
 from ._result import OptimizeResult as OptimizeResult
 from ._result import OptimizeWarning as OptimizeWarning
+from .events import BatchFinished as BatchFinished
+from .events import BatchProgress as BatchProgress
+from .events import BatchStarted as BatchStarted
 from .events import FitFailed as FitFailed
 from .events import FitFinished as FitFinished
 from .events import FitStarted as FitStarted
 from .events import Iteration as Iteration
+from .faces.batch import curve_fit_batch as curve_fit_batch
+from .faces.batch import fit_stream_batch as fit_stream_batch
+from .faces.batch import least_squares_batch as least_squares_batch
 from .faces.streaming import fit_stream as fit_stream
 from .faces.streaming import least_squares_stream as least_squares_stream
 from .faces.sync import curve_fit as curve_fit
@@ -32,6 +42,10 @@ from .stream.fit_stream import FitStream as FitStream
 from .stream.fit_stream import subscribe as subscribe
 
 __all__ = [
+    "BatchFinished",
+    "BatchProgress",
+    "BatchResult",
+    "BatchStarted",
     "FitError",
     "FitFailed",
     "FitFinished",
@@ -44,10 +58,15 @@ __all__ = [
     "SinkError",
     "async_logger",
     "curve_fit",
+    "curve_fit_batch",
+    "enable_compile_cache",
+    "enable_inline_dispatch",
     "events",
     "fit_stream",
+    "fit_stream_batch",
     "iter_events",
     "least_squares",
+    "least_squares_batch",
     "least_squares_stream",
     "replay",
     "sinks",
@@ -56,3 +75,5 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_compile_cache_from_environment()

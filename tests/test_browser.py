@@ -1,13 +1,19 @@
-"""The quickstart notebook in a real browser: JupyterLab on 127.0.0.1 (random port, token) and
-headless Chromium driven by Playwright.
+"""The quickstart and batch notebooks in a real browser: JupyterLab on 127.0.0.1 (random port,
+token) and headless Chromium driven by Playwright.
 
-Asserted from the DOM: the first fit's widget drew points and reads "converged"; clicking Stop on
-the long fit ends it early with status "stopped" (its cell still running: the sync fit blocks the
-kernel); user text (a model name, a parameter name and a message like
+Asserted from the DOM, quickstart: the first fit's widget drew points and reads "converged";
+clicking Stop on the long fit ends it early with status "stopped" (its cell still running: the sync
+fit blocks the kernel); user text (a model name, a parameter name and a message like
 ``<img src=x onerror=alert(1)>``) renders as literal text and creates no element.
 
-The screenshot is saved as ``quickstart.png`` in the test's ``tmp_path`` and, when the environment
-variable ``NLSQ_STREAM_ARTIFACTS`` names a directory, copied there (CI keeps it as an artefact).
+Batch: the map's batch widget shows its batch view (title with the number of fits, the counts,
+the converged-fits line and the cost-quantile band as SVG) and ends "failed" in red (two dead
+pixels); clicking Stop on a long batch (``curve_fit_batch(verbose=2)`` blocking its cell) ends it
+early with status "stopped", and the cell's result counts fits with status -2.
+
+The screenshots are saved as ``quickstart.png`` and ``batch.png`` in the test's ``tmp_path`` and,
+when the environment variable ``NLSQ_STREAM_ARTIFACTS`` names a directory, copied there (CI keeps
+them as artefacts).
 
 Needs Debian's ``chromium`` at /usr/bin/chromium (Playwright cannot download its own browser
 here; ``.ci/run`` installs it), ``playwright``, ``jupyterlab`` and the notebook extra; skipped with
@@ -30,6 +36,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -63,6 +70,23 @@ await xss_widget.send_batch([
                             "njev": 2, "nit": 1, "status": 1, "message": XSS,
                             "success": True}}, 1.0),
 ])
+"""
+
+# Appended to the test's copy of the batch notebook: a batch long enough to stop (unstopped, about
+# a minute here: trials=1 and tolerances no fit reaches soon), blocking its cell.
+LONG_BATCH_CELL = """
+import json
+
+n_long = 40_000
+rng = np.random.default_rng(1)
+heights, centers = rng.uniform(1, 3, (n_long, 1)), rng.uniform(-0.5, 0.5, (n_long, 1))
+long_y = np.array(peak(wavelength, heights, centers, 0.8, 0.2))
+long_y += 0.03 * rng.standard_normal(long_y.shape)
+long_res = curve_fit_batch(
+    peak, wavelength, long_y, p0=[1.0, 0.0, 1.0, 0.0], trials=1, ftol=1e-15, xtol=1e-15,
+    gtol=None, verbose=2,
+)
+print("long batch " + json.dumps({str(k): v for k, v in long_res.counts().items()}))
 """
 
 pytestmark = pytest.mark.timeout(420)
@@ -201,6 +225,20 @@ def _save_artifact(src: Path) -> None:
         shutil.copy(src, Path(dest) / src.name)
 
 
+def _run_all_cells(page: Any, url: str, notebook: str) -> None:
+    """Open ``notebook`` in JupyterLab, wait for its kernel, and start running every cell."""
+    page.goto(url.replace("?", f"/lab/tree/{notebook}?"))
+    page.wait_for_function(
+        "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+        " && window.jupyterapp.shell.currentWidget.sessionContext"
+        " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+        " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel",
+        timeout=CELL_S * 1000,
+    )
+    # Not awaited: the command's promise settles only when every cell has run.
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+
+
 def test_quickstart_in_jupyterlab(tmp_path):
     _requirements()
     from playwright.sync_api import expect, sync_playwright
@@ -220,16 +258,7 @@ def test_quickstart_in_jupyterlab(tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 2400})
             dialogs: list[str] = []
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(url.replace("?", "/lab/tree/quickstart.ipynb?"))
-            page.wait_for_function(
-                "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                " && window.jupyterapp.shell.currentWidget.sessionContext"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel",
-                timeout=CELL_S * 1000,
-            )
-            # Not awaited: the command's promise settles only when every cell has run.
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            _run_all_cells(page, url, "quickstart.ipynb")
             widgets = page.locator("[data-nlsq=root]")
 
             # 1. The first fit: points drawn, status converged.
@@ -277,6 +306,88 @@ def test_quickstart_in_jupyterlab(tmp_path):
             assert page.locator("img[src='x']").count() == 0
             assert xss.locator("img").count() == 0
             assert dialogs == []
+
+            long.scroll_into_view_if_needed()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            if not shot.exists():
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(shot), full_page=True)  # the state at failure
+            if shot.exists():
+                _save_artifact(shot)
+            browser.close()
+    assert shot.stat().st_size > 10_000
+
+
+def test_batch_in_jupyterlab(tmp_path):
+    _requirements()
+    from playwright.sync_api import expect, sync_playwright
+
+    root = tmp_path / "root"
+    root.mkdir()
+    nb = nbformat.read(REPO / "notebooks" / "batch.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(LONG_BATCH_CELL))
+    nbformat.write(nb, root / "batch.ipynb")
+    shot = tmp_path / "batch.png"
+
+    with jupyterlab(root, tmp_path / "home") as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 2400})
+            _run_all_cells(page, url, "batch.ipynb")
+            widgets = page.locator("[data-nlsq=root]")
+
+            # 1. The map: 400 fits, two dead pixels; the batch view, ending red.
+            first = widgets.nth(0)
+            expect(first).to_have_attribute("data-status", "failed", timeout=CELL_S * 1000)
+            assert first.get_attribute("data-view") == "batch"
+            assert "400 fits" in first.locator("[data-nlsq=title]").inner_text()
+            status = first.locator("[data-nlsq=status]")
+            assert status.inner_text() == "failed"
+            assert "nlsq-danger" in status.get_attribute("class")
+            counts = first.locator("[data-nlsq=counts]").inner_text()
+            for part in ("converged 398/400", "failed 2", "running 0", "fits/s"):
+                assert part in counts, counts
+            expect(first.locator("[data-nlsq=fit-view]")).to_be_hidden()
+            conv = first.locator("svg[data-nlsq=converged]")
+            assert conv.is_visible() and conv.locator("polyline.nlsq-line").count() == 1
+            band = first.locator("svg[data-nlsq=band]")
+            assert band.is_visible() and int(band.get_attribute("data-npoints")) >= 1
+            assert band.locator("polygon[data-nlsq=band-minmax]").count() == 1
+            assert band.locator("polygon[data-nlsq=band-10-90]").count() == 1
+            assert band.locator("polyline[data-nlsq=median]").count() == 1
+            assert "398/400 converged" in first.locator("[data-nlsq=message]").inner_text()
+            assert first.locator("[data-nlsq=stop]").is_hidden()
+
+            # 2. The long batch: Stop while its cell blocks; every running fit ends stopped.
+            long = widgets.nth(1)
+            expect(long).to_have_attribute("data-status", "running", timeout=CELL_S * 1000)
+            assert long.get_attribute("data-view") == "batch"
+            assert "40000 fits" in long.locator("[data-nlsq=title]").inner_text()
+            page.wait_for_function(
+                "el => +el.getAttribute('data-npoints') >= 2",  # progress drawn live
+                arg=long.locator("svg[data-nlsq=band]").element_handle(),
+                timeout=CELL_S * 1000,
+            )
+            assert "running" in long.locator("[data-nlsq=counts]").inner_text()
+            long.locator("[data-nlsq=stop]").click()
+            clicked = time.monotonic()
+            expect(long).to_have_attribute("data-status", "stopped", timeout=60_000)
+            stopped_after = time.monotonic() - clicked
+            status = long.locator("[data-nlsq=status]")
+            assert status.inner_text() == "stopped"
+            assert "nlsq-warning" in status.get_attribute("class")
+            counts = long.locator("[data-nlsq=counts]").inner_text()
+            assert re.search(r"stopped [1-9]", counts) and "running 0" in counts, counts
+            text = page.locator(".jp-OutputArea-output", has_text="long batch ")
+            expect(text).to_have_count(1, timeout=60_000)
+            printed = text.inner_text()
+            result = json.loads(printed.split("long batch ", 1)[1])
+            assert result.get("-2", 0) > 0, printed
+            assert sum(result.values()) == 40_000, printed
+            assert stopped_after < 30, stopped_after
 
             long.scroll_into_view_if_needed()
             page.screenshot(path=str(shot), full_page=True)

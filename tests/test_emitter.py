@@ -87,7 +87,7 @@ def test_verbose_one_gates_every_tenth_on_device():
 def test_stop_request_ends_the_fit_with_status_minus_two():
     # With no per-trial estimate for this problem the first chunk is one trial, so a stop asked
     # before the start is seen after it (later fits start with a longer first chunk).
-    emitter._PER_TRIAL.clear()
+    emitter._MEMORY.clear()
     rows = []
     channel = Channel(lambda r, t: rows.append(r))
     channel.stop_requested.set()
@@ -167,14 +167,34 @@ def test_a_chunk_stretches_to_end_a_fit_expected_to_end_within_it(monkeypatch):
     last fit of the problem) runs them in one chunk, stretched to 80 ms (8 trials, the slack
     taking a trial or so more than expected); one expected to need 9 does not."""
     key = ("a problem", 1)
-    monkeypatch.setitem(emitter._PER_TRIAL, key, 0.01)
     for expected, first in ((7, 8), (9, 4), (3, 8)):
-        monkeypatch.setitem(emitter._TRIALS, key, expected)
+        monkeypatch.setitem(emitter._MEMORY, key, emitter.Memory(0.01, expected))
         channel = Channel(lambda rows, t: None, target_interval=0.04)
         assert channel.first_k(key) == first
     channel = Channel(lambda rows, t: None, target_interval=0.04)
-    monkeypatch.setitem(emitter._TRIALS, key, 11)
+    monkeypatch.setitem(emitter._MEMORY, key, emitter.Memory(0.01, 11))
     assert channel.first_k(key) == 4  # 11 left: more than a stretched chunk
     channel._last -= 0.0396  # the first chunk took ~40 ms: 4 trials of ~10 ms
     k, stop = channel.on_chunk(4)
     assert (k, stop) == (8, False)  # 7 left: stretched to end the fit
+
+
+def test_a_slower_machine_does_not_split_a_short_fit(monkeypatch):
+    """The 1e6-point fit of ``bench emit`` takes 6 trials, ~10 ms each (one 80 ms chunk). On a
+    machine 2-4 times slower (18-36 ms a trial, ~110-220 ms in all) the time rule alone would cut
+    it in chunks of 2 or 1 trials; the trial rule keeps it one chunk (up to 240 ms). A fit of
+    more trials, or one beyond 240 ms, still gets ~40 ms chunks."""
+    key = ("a slow problem", 1)
+    for per_trial, expected, one_chunk in (
+        (0.010, 6, True),
+        (0.018, 6, True),
+        (0.036, 6, True),
+        (0.018, 8, True),
+        (0.018, 9, False),  # more trials than TAIL_TRIALS, beyond 80 ms: 40 ms chunks
+        (0.050, 6, False),  # 300 ms: beyond TAIL_MAX intervals
+    ):
+        monkeypatch.setitem(emitter._MEMORY, key, emitter.Memory(per_trial, expected))
+        k = Channel(lambda rows, t: None, target_interval=0.04).first_k(key)
+        assert (k > expected) == one_chunk, (per_trial, expected, k)
+        if not one_chunk:
+            assert k == max(int(0.04 / per_trial), 1)

@@ -237,7 +237,7 @@ def test_event_from_dict_rejects_non_dict():
 
 def test_public_surface():
     assert set(events.__all__) >= {"FitStarted", "Iteration", "FitFinished", "FitFailed"}
-    assert events.TERMINAL == (FitFinished, FitFailed)
+    assert events.TERMINAL == (FitFinished, FitFailed, events.BatchFinished)
 
 
 def test_fit_started_optional_fields_are_backward_compatible():

@@ -8,6 +8,7 @@ All fits, ours and scipy's, use ftol = xtol = gtol = 1e-15 and max_nfev = 10000.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +105,46 @@ def test_lm_never_ends_above_its_start() -> None:
         residual, p.starts[0], method="lm", x_scale="jac", max_nfev=nist.MAX_NFEV, **nist.TOLERANCES
     )
     assert res.cost <= 0.5 * p.rss(p.starts[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_batch_of_starts_matches_lone_fits(name):
+    """A batch of four fits of one problem (Start 1, Start 2 and each perturbed by 1e-3) gives
+    every fit's lone answer.
+
+    The batch must agree with the lone fit to 1e-8 relative wherever the lone fit resolves the
+    problem that finely (its own distance to NIST's certified values is below 1e-9). Where it
+    does not (ENSO stops ~2e-7 from them even at ftol = 1e-15), two runs whose linear algebra
+    rounds differently can stop anywhere in the region the stopping rule cannot resolve; there
+    the batch fit must be as close to the certified values as the lone one, to half a digit.
+    """
+    problem = PROBLEMS[name]
+    s1, s2 = problem.starts
+    p0 = np.stack([s1, s2, s1 * (1 + 1e-3), s2 * (1 - 1e-3)])
+    y = np.broadcast_to(problem.y, (4, problem.y.size))
+    res = nlsq_stream.curve_fit_batch(
+        problem.model, problem.x, y, p0=p0, method="trf", max_nfev=nist.MAX_NFEV, **nist.TOLERANCES
+    )
+    for i in range(4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", nlsq_stream.OptimizeWarning)
+            # full_output as nist.fit_ours: the same compiled program as the tests above
+            popt, *_ = nlsq_stream.curve_fit(
+                problem.model,
+                problem.x,
+                problem.y,
+                p0=p0[i],
+                method="trf",
+                max_nfev=nist.MAX_NFEV,
+                full_output=True,
+                **nist.TOLERANCES,
+            )
+        assert res.success[i]
+        own_error = np.max(np.abs(popt - problem.certified) / np.abs(problem.certified))
+        if own_error < 1e-9:
+            np.testing.assert_allclose(res.popt[i], popt, rtol=1e-8, err_msg=f"{name} fit {i}")
+        else:
+            batch_lre = nist.lre(res.popt[i], problem.certified).min()
+            lone_lre = nist.lre(popt, problem.certified).min()
+            assert batch_lre >= lone_lre - 0.5, f"{name} fit {i}: LRE {batch_lre} < {lone_lre}"

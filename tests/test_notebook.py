@@ -1,7 +1,7 @@
-"""nlsq_stream.notebook: FitWidget's state after event sequences, its throttle, its Stop button
-(through the widget's message handler and through the kernel's routing hook), and the notebook
-detection behind ``default_display``. No browser and no kernel here (see test_notebooks.py and
-test_browser.py for those)."""
+"""nlsq_stream.notebook: FitWidget's state after event sequences (a fit, a batch of fits), its
+throttle, its Stop button (through the widget's message handler and through the kernel's routing
+hook; for a fit and for a batch), and the notebook detection behind ``default_display``. No
+browser and no kernel here (see test_notebooks.py and test_browser.py for those)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,18 @@ pytest.importorskip("anywidget", reason="the notebook extra is not installed")
 pytest.importorskip("ipywidgets", reason="the notebook extra is not installed")
 
 import comm
+import jax.numpy as jnp
 
 import nlsq_stream as ns
-from nlsq_stream.events import FitFailed, FitFinished, FitStarted, Iteration
+from nlsq_stream.events import (
+    BatchFinished,
+    BatchProgress,
+    BatchStarted,
+    FitFailed,
+    FitFinished,
+    FitStarted,
+    Iteration,
+)
 from nlsq_stream.notebook import MAX_POINTS, FitWidget
 from nlsq_stream.sinks import ConsoleSink, default_display, in_notebook, widget
 
@@ -305,6 +314,240 @@ def test_stop_acts_in_the_kernels_routing_hook_while_the_cell_blocks(monkeypatch
     assert routed == ["subshell-1", None]  # routing itself is unchanged
     assert res.status == -2 and res.nit < 4000
     assert w.status == "stopped"
+
+
+# -- a batch of fits ----------------------------------------------------------------------------
+
+BATCH = "batch-test"
+BX = np.linspace(-5.0, 5.0, 60)
+BP0 = [2.0, 0.0, 1.0, 0.0]
+
+
+def gauss(x, a, mu, s, c):
+    return a * jnp.exp(-0.5 * ((x - mu) / s) ** 2) + c
+
+
+def spectra(n, seed=0):
+    rng = np.random.default_rng(seed)
+    mu = rng.uniform(-1, 1, (n, 1))
+    return 2.0 * np.exp(-0.5 * (BX - mu) ** 2) + 0.05 * rng.standard_normal((n, BX.size))
+
+
+def batch_started(n=400, t=100.0, batch_id=BATCH):
+    return BatchStarted(batch_id, n, "trf", 4, 60, ("a", "mu", "s", "c"), t, "gauss")
+
+
+def progress(i, converged, failed, elapsed, n=400, q=(0.1, 0.2, 0.5, 1.0, 3.0)):
+    running = n - converged - failed
+    return BatchProgress(
+        BATCH, i, n, running, converged, failed, np.array(q), 10 * i, elapsed, 100.0 + elapsed
+    )
+
+
+def batch_finished(counts, n=400, elapsed=2.0):
+    return BatchFinished(BATCH, n, counts, elapsed, 100.0 + elapsed)
+
+
+@pytest.mark.anyio
+async def test_state_after_a_batch(anyio_backend):
+    w = FitWidget(auto_display=False, max_rate=1e9)
+    assert w.view == "fit"
+    await w.send(batch_started())
+    assert (w.view, w.fit_id, w.model_name, w.method, w.n_fits) == (
+        "batch",
+        BATCH,
+        "gauss",
+        "trf",
+        400,
+    )
+    assert (w.status, w.status_style, w.running, w.n_running) == ("running", "info", True, 400)
+    assert w.batch_progress == [] and w.eta is None
+    await w.send_batch([progress(1, 0, 0, 0.5), progress(3, 100, 4, 1.0)])
+    assert (w.iteration, w.n_running, w.n_converged, w.n_failed, w.nfev) == (3, 296, 100, 4, 30)
+    assert w.fits_per_second == pytest.approx(104.0)
+    assert w.eta == pytest.approx(296 / 104.0)
+    assert w.cost == 0.5  # the median
+    assert w.batch_progress == [
+        [1, 0.5, 0, 0, 0.1, 0.2, 0.5, 1.0, 3.0],
+        [3, 1.0, 100, 4, 0.1, 0.2, 0.5, 1.0, 3.0],
+    ]
+    # no cost yet: NaN quantiles go as None (JSON null)
+    await w.send(progress(4, 100, 4, 1.1, q=(np.nan,) * 5))
+    assert w.batch_progress[-1][4:] == [None] * 5 and w.cost is None
+    await w.send_batch([progress(5, 398, 2, 1.9), batch_finished({"2": 390, "1": 8, "-3": 2})])
+    assert (w.status, w.status_style, w.running) == ("failed", "danger", False)
+    assert (w.n_running, w.n_converged, w.n_failed, w.n_stopped) == (0, 398, 2, 0)
+    assert w.counts == {"2": 390, "1": 8, "-3": 2} and w.eta is None
+    assert w.elapsed == 2.0 and w.fits_per_second == pytest.approx(200.0)
+    assert w.message == "398/400 converged in 2.00 s (ftol: 390, gtol: 8, not finite: 2)"
+    assert len(w.batch_progress) == 4 and w.view == "batch"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("counts", "status", "style", "stopped"),
+    [
+        ({"1": 10, "2": 390}, "converged", "success", 0),
+        ({"2": 100, "-2": 300}, "stopped", "warning", 300),
+        ({"2": 399, "0": 1}, "failed", "danger", 0),  # out of budget
+        ({"2": 390, "-4": 10}, "failed", "danger", 0),
+    ],
+)
+async def test_batch_status_text_and_colour(anyio_backend, counts, status, style, stopped):
+    w = FitWidget(auto_display=False)
+    await w.send_batch([batch_started(), progress(1, 0, 0, 0.5), batch_finished(counts)])
+    assert (w.status, w.status_style, w.running, w.n_stopped) == (status, style, False, stopped)
+    assert w.n_converged + w.n_failed + w.n_stopped == 400
+
+
+@pytest.mark.anyio
+async def test_a_fit_after_a_batch_switches_back_and_a_batch_after_a_fit_starts_fresh(
+    anyio_backend,
+):
+    w = FitWidget(auto_display=False)
+    await w.send_batch([started(), iteration(0, 5.0, 100.1), finished(nit=0)])
+    await w.send_batch([batch_started(t=200.0), progress(1, 10, 0, 0.5)])
+    assert (w.view, w.fit_id, w.status, w.params) == ("batch", BATCH, "running", [])
+    assert w.costs == [] and w.max_nfev == 0
+    await w.send(batch_finished({"1": 400}))
+    await w.send_batch([started(t=300.0, names=("k",)), iteration(0, 3.0, 300.5)])
+    assert (w.view, w.fit_id, w.status, w.running) == ("fit", FIT, "running", True)
+    assert w.param_names == ["k"] and w.costs == [[0, 3.0]] and w.batch_progress == []
+    await w.send(batch_started(n=7, batch_id="batch-2"))
+    assert (w.view, w.n_fits, w.n_converged, w.counts) == ("batch", 7, 0, {})
+
+
+@pytest.mark.anyio
+async def test_per_fit_events_of_the_batch_shown_are_left_out(anyio_backend):
+    w = FitWidget(auto_display=False)
+    per_fit = FitFinished(f"{BATCH}/3", finished().result, 101.0)
+    await w.send_batch([batch_started(), progress(1, 400, 0, 0.5), per_fit])
+    await w.send(batch_finished({"1": 400}))
+    assert (w.view, w.fit_id, w.status, w.params) == ("batch", BATCH, "converged", [])
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_raised_shows_the_error(anyio_backend):
+    w = FitWidget(auto_display=False)
+    await w.send_batch([batch_started(), FitFailed(BATCH, "RuntimeError", "boom", 101.0)])
+    assert (w.view, w.status, w.status_style, w.running) == ("batch", "failed", "danger", False)
+    assert w.message == "RuntimeError: boom"
+
+
+@pytest.mark.anyio
+async def test_joining_a_batch_mid_way_shows_it(anyio_backend):
+    """A replayed log cut before its BatchStarted: the batch view from its progress."""
+    w = FitWidget(auto_display=False)
+    await w.send_batch([progress(5, 100, 0, 1.0), batch_finished({"1": 400})])
+    assert (w.view, w.fit_id, w.n_fits, w.status) == ("batch", BATCH, 400, "converged")
+    assert len(w.batch_progress) == 1
+
+
+@pytest.mark.anyio
+async def test_batch_progress_is_thinned_to_max_points(anyio_backend):
+    w = FitWidget(auto_display=False, max_rate=1e9)
+    n = 5 * MAX_POINTS + 7
+    events = [progress(2 * i + 1, i * 400 // n, 0, 0.01 * (i + 1)) for i in range(n)]
+    await w.send_batch([batch_started(), *events])
+    its = [row[0] for row in w.batch_progress]
+    assert MAX_POINTS // 4 < len(its) <= MAX_POINTS + 1
+    assert its[0] == 1 and its[-1] == 2 * n - 1  # the first and the newest are always there
+    assert all(a < b for a, b in itertools.pairwise(its))
+
+
+@pytest.mark.anyio
+async def test_batch_updates_are_throttled_and_start_and_end_always_arrive(anyio_backend):
+    w = FitWidget(auto_display=False, max_rate=20)
+    t0 = time.monotonic()
+    await w.send(batch_started())
+    assert w.updates == 1  # at once
+    i = 0
+    while time.monotonic() - t0 < 0.5:
+        await w.send(progress(i + 1, min(i, 399), 0, 0.01 * (i + 1)))
+        i += 1
+    await w.send(batch_finished({"1": 400}))
+    wall = time.monotonic() - t0
+    assert w.updates <= 20 * wall + 3, (w.updates, wall)
+    assert w.status == "converged" and w.batch_progress[-1][0] == i  # none lost
+
+
+@pytest.mark.usefixtures("no_leftover_threads")
+def test_curve_fit_batch_feeds_the_widget():
+    w = FitWidget(auto_display=False)
+    y = spectra(300)
+    res = ns.curve_fit_batch(gauss, BX, y, p0=BP0, trials=2, sinks=[w])
+    assert res.success.all()
+    assert (w.view, w.status, w.status_style, w.running) == ("batch", "converged", "success", False)
+    assert w.fit_id.startswith("batch-") and w.model_name == "gauss"
+    assert w.param_names == ["a", "mu", "s", "c"]
+    assert (w.n_fits, w.n_converged, w.n_failed, w.n_running) == (300, 300, 0, 0)
+    assert w.counts == {str(k): v for k, v in res.counts().items()}
+    assert w.message.startswith("300/300 converged in ")
+    assert w.batch_progress, "the batch's last progress always arrives"
+    assert w.batch_progress[-1][2] == 300  # converged at the last progress event
+    assert len(w.batch_progress[-1]) == 9
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("no_leftover_threads")
+async def test_stop_button_message_stops_a_batch(anyio_backend):
+    """The frontend's Stop message names the batch shown; every running fit ends with -2."""
+    before = live_tasks()
+    w = FitWidget(auto_display=False)
+    y = spectra(64, seed=13)
+    with anyio.fail_after(TIMEOUT):
+        async with ns.fit_stream_batch(
+            gauss, BX, y, p0=BP0, trials=1, ftol=1e-15, xtol=1e-15, gtol=None, sinks=[w]
+        ) as stream:
+            async for ev in stream:
+                if isinstance(ev, BatchProgress) and not w.stop_requested:
+                    while w.fit_id != stream.fit_id:  # the widget has seen BatchStarted
+                        await anyio.sleep(0.005)
+                    w.comm.handle_msg(stop_message(stream.fit_id))
+    res = stream.result
+    assert isinstance(ev, BatchFinished) and ev.stopped
+    stopped = res.status == -2
+    assert stopped.any() and np.isfinite(res.popt[stopped]).all()
+    assert (w.status, w.status_style, w.stop_requested) == ("stopped", "warning", True)
+    assert w.n_stopped == int(stopped.sum()) and w.n_running == 0
+    await assert_no_leftover_tasks(before)
+
+
+@pytest.mark.usefixtures("no_leftover_threads")
+def test_a_batch_stops_in_the_kernels_routing_hook_while_the_cell_blocks(monkeypatch):
+    """``curve_fit_batch(sinks=[widget])`` blocks this thread; the shell-channel thread routes
+    the Stop message (naming the batch the widget shows) and that alone stops the batch."""
+    monkeypatch.setattr(comm, "create_comm", lambda **kw: RoutingComm(**kw))
+    w = FitWidget(auto_display=False)
+    shown: list[str] = []
+
+    def shell_channel_thread() -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not (w.view == "batch" and w.running) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        shown.append(w.fit_id)
+        data = {"method": "custom", "content": {"type": "stop", "fit_id": w.fit_id}}
+        w.comm._reply_subshell_for(data, None)
+
+    helper = threading.Thread(target=shell_channel_thread)
+    helper.start()
+    try:
+        res = ns.curve_fit_batch(
+            gauss,
+            BX,
+            spectra(64, seed=13),
+            p0=BP0,
+            trials=1,
+            ftol=1e-15,
+            xtol=1e-15,
+            gtol=None,
+            sinks=[w],
+        )
+    finally:
+        helper.join()
+    assert shown[0].startswith("batch-")
+    assert (res.status == -2).any()
+    assert (w.status, w.n_stopped) == ("stopped", int((res.status == -2).sum()))
 
 
 # -- default display and detection -------------------------------------------------------------

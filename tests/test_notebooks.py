@@ -35,6 +35,7 @@ EXPECTED = {
     "quickstart": ([2.5, 1.3, 0.5], dict(atol=0.02)),
     "async_streaming": ([3.0, 0.4, 0.8, 0.2], dict(atol=0.02)),
     "replay": ([1.7, -0.8], dict(rtol=0.02)),
+    "batch": ([3.0, 0.0, 0.8, 0.2], dict(atol=0.03)),  # the map's middle pixel
 }
 
 

@@ -78,13 +78,32 @@ def test_a_watched_fit_leaves_nothing_for_the_garbage_collector(no_leftover_thre
     assert ours == []
 
 
-def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, no_leftover_threads):
-    """For a problem seen before, the sinks' setup waits until the fit's first program has been
-    dispatched (it then overlaps the device's work); a new problem announces its start, and so
-    sets the watchers up, before it compiles."""
+class _Table:
+    """The console table behind a sink that runs inline (``inline=True``) or in the sink loop,
+    noting in ``order`` when it gets the fit's start (the inline path's watcher setup)."""
+
+    def __init__(self, out, inline: bool, order: list[str]) -> None:
+        from nlsq_stream.sinks import ConsoleSink
+
+        self.table, self.inline, self.order = ConsoleSink(out), inline, order
+
+    def write_batch(self, events):
+        if self.inline and type(events[0]).__name__ == "FitStarted":
+            self.order.append("watchers")
+        self.table.write_batch(events)
+
+    async def send_batch(self, events):
+        self.table.write_batch(events)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, inline, no_leftover_threads):
+    """For a problem seen before, the sinks' setup (the sink loop's, or an inline sink getting
+    the start) waits until the fit's first program has been dispatched (it then overlaps the
+    device's work); a new problem announces its start, and so sets the watchers up, before it
+    compiles."""
     import io
 
-    from nlsq_stream.sinks import ConsoleSink
     from nlsq_stream.solver import engine
     from nlsq_stream.stream import emitter, runner
 
@@ -104,11 +123,12 @@ def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, no_leftov
 
     def fit(x):
         out = io.StringIO()
-        curve_fit(model, x, 2.0 * np.exp(-x) + 0.5, p0=[1.0, 1.0, 0.0], sinks=[ConsoleSink(out)])
+        sink = _Table(out, inline, order)
+        curve_fit(model, x, 2.0 * np.exp(-x) + 0.5, p0=[1.0, 1.0, 0.0], sinks=[sink])
         return out.getvalue()
 
-    x = np.linspace(0, 5, 321)  # a size no other test uses: the first fit is a new problem
-    monkeypatch.setattr(emitter, "_PER_TRIAL", type(emitter._PER_TRIAL)())
+    x = np.linspace(0, 5, 321 + inline)  # a size no other test uses: the first fit is new
+    monkeypatch.setattr(emitter, "_MEMORY", type(emitter._MEMORY)())
     first = fit(x)
     assert order[:2] == ["watchers", "dispatch"]  # new: the start is shown before compiling
     fit(x)  # this fit is short (two trials, one per chunk): its per-trial time is known now
@@ -122,12 +142,19 @@ def test_watchers_are_set_up_while_the_first_program_runs(monkeypatch, no_leftov
 def test_a_failing_watcher_setup_is_raised_and_leaves_nothing_behind(
     monkeypatch, no_leftover_threads
 ):
-    from nlsq_stream.sinks import ConsoleSink
-    from nlsq_stream.stream import runner
+    from nlsq_stream.stream import pipeline, runner
 
     def broken(self):
         raise OSError("no loop for the sinks")
 
     monkeypatch.setattr(runner.SinkRunner, "__enter__", broken)
     with pytest.raises(OSError, match="no loop for the sinks"):
-        curve_fit(model, X, Y, p0=[1.0, 1.0, 0.0], sinks=[ConsoleSink()])
+        curve_fit(model, X, Y, p0=[1.0, 1.0, 0.0], sinks=[_Table(None, False, [])])
+
+    def no_start(prep, fit_id):
+        raise OSError("no start event")
+
+    monkeypatch.setattr(pipeline, "started_event", no_start)
+    with pytest.raises(OSError, match="no start event"):  # the inline path's setup
+        curve_fit(model, X, Y, p0=[1.0, 1.0, 0.0], verbose=2)
+    assert not pipeline._LIVE

@@ -7,6 +7,11 @@ a warm-up, and the figures are medians, so that a noisy machine slows both sides
 * ``emit``: the cost of watching a fit (``verbose=2`` into a console sink writing to
   ``os.devnull``, against ``verbose=0``), and how late a live ``fit_stream`` consumer sees each
   iteration.
+* ``batch``: ``curve_fit_batch`` on N Gaussian peaks (N = 1e2 ... 1e5) against Python loops of
+  scipy's and our ``curve_fit`` and against optimistix's Levenberg-Marquardt under ``jax.vmap``,
+  in float64 and float32.
+* ``cold``: the first fit of a fresh process, without and with the persistent compile cache
+  (fresh subprocesses).
 * ``stop``: how long ``stream.stop()`` takes to end a running fit.
 
 Latency and stop use a fit that runs as long as asked: ``y = x a^4`` fitted to zeros. Its Jacobian
@@ -23,6 +28,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from .batch import bench_batch
+from .cold import bench_cold
 from .common import BenchOptions, _ms, _say
 from .emit import bench_emit_overhead
 from .latency import bench_emit_latency, bench_slow_consumer, bench_stop
@@ -48,6 +55,10 @@ def run_bench(which: str, opts: BenchOptions) -> int:
     if which in ("emit", "all"):
         bench_emit_overhead(opts)
         bench_emit_latency(opts)
+    if which in ("batch", "all"):
+        bench_batch(opts)
+    if which in ("cold", "all"):
+        bench_cold(opts)
     if which in ("stop", "all"):
         bench_stop(opts)
     if which in ("slow", "all"):

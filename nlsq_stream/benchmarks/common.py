@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import IO, Any
 
 import jax
@@ -140,6 +142,15 @@ def interleaved(
             if settle and t > 0.005:
                 time.sleep(settle)
     return times
+
+
+def child_env() -> dict[str, str]:
+    """This environment, the cache variable removed, with this copy of the package first on
+    ``PYTHONPATH`` (a child imports the package under test, not another installed copy)."""
+    env = {k: v for k, v in os.environ.items() if k != "NLSQ_STREAM_COMPILE_CACHE"}
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
 
 
 def _verdict(ok: bool) -> str:

@@ -7,18 +7,20 @@ Run ``nlsq-stream --help`` or ``nlsq-stream COMMAND --help``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import jax
 
+from .._compile_cache import ENV_VAR, enable_compile_cache
 from ..benchmarks import BenchOptions, run_bench
 from ..events import FitFailed, FitFinished, FitStarted
 from ..replay import iter_events
 from ..sinks import ConsoleSink
 from .demo import run_demo
 
-BENCHES = ("solver", "emit", "stop", "slow", "all")
+BENCHES = ("solver", "emit", "batch", "cold", "stop", "slow", "all")
 
 
 def _positive_int(text: str) -> int:
@@ -68,11 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="number of data points (default: %(default)s)",
     )
+    demo.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="keep the compiled solver in JAX's persistent compilation cache in DIR, so that the "
+        "next demo starts sooner (default: the user's cache folder, unless "
+        "NLSQ_STREAM_COMPILE_CACHE=0)",
+    )
+    demo.add_argument(
+        "--no-compile-cache", action="store_true", help="compile without the persistent cache"
+    )
 
     bench = sub.add_parser(
         "bench",
-        help="measure speed against scipy, emission overhead, stream and stop latency, slow "
-        "consumers",
+        help="measure speed against scipy, emission overhead, batched fits, stream and stop "
+        "latency, slow consumers",
         description="Benchmarks measured side by side in one process (medians of repeats after "
         "a warm-up), each printed with its target and PASS or MISS.",
     )
@@ -98,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_sizes,
         default=None,
         metavar="N[,N...]",
-        help="problem sizes for solver and emit (default: 1e3,1e5,1e6)",
+        help="problem sizes: points per fit for solver and emit (default: 1e3,1e5,1e6); "
+        "number of fits for batch (default: 1e2,1e3,1e4,1e5; --quick: 1e2,1e3)",
     )
     for name, text in (
         ("replay", "print scipy's verbose=2 table again from a JSONL event log"),
@@ -149,6 +163,12 @@ def _summary(path: str) -> int:
     return 0
 
 
+def _cache_turned_off() -> bool:
+    """Whether ``NLSQ_STREAM_COMPILE_CACHE`` says 0/false/no/off (unset is not off here)."""
+    value = os.environ.get(ENV_VAR)
+    return value is not None and value.strip().lower() in ("", "0", "false", "no", "off")
+
+
 def _enable_x64() -> None:
     jax.config.update("jax_enable_x64", True)
 
@@ -164,6 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     _enable_x64()
     if args.command == "demo":
+        asked = args.compile_cache is not None and not args.no_compile_cache
+        if asked or not (args.no_compile_cache or _cache_turned_off()):
+            try:
+                enable_compile_cache(args.compile_cache)
+            except (TypeError, ValueError) as e:
+                print(f"nlsq-stream demo: --compile-cache: {e}", file=sys.stderr)
+                return 2
         return run_demo(log=args.log, points=args.points)
     opts = BenchOptions(quick=args.quick, repeats=args.repeats, sizes=args.sizes)
     return run_bench(args.which, opts)

@@ -11,7 +11,16 @@ sink(event)`` function. Optionally it has:
 
 Each sink reads its own stream in a background event loop, so a slow sink never slows the fit or
 another sink, and a sink that raises is detached and reported (``result.sink_errors`` and a
-``SinkError`` warning) while the fit goes on. A ten-line sink::
+``SinkError`` warning) while the fit goes on.
+
+An *inline* sink can also run in the caller's thread: it declares ``inline = True`` and has a
+synchronous ``write_batch(self, events)`` (and optionally ``close(self)``). When every sink of a
+``curve_fit``/``least_squares`` call is inline, the sync face calls them directly, between the
+fit's chunks, with no hub, thread or event loop; ``events`` may then be an
+:class:`~nlsq_stream.events.EventBatch`, whose ``rows`` a sink can read without building the
+Iteration events. The console table, the JSON lines and the logging bridge are inline sinks; a
+subclass that overrides their ``send``/``send_batch`` should override ``write_batch`` too (or
+set ``inline = False``). A ten-line sink::
 
     class PrintCost:
         async def send(self, event):

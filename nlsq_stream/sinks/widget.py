@@ -9,10 +9,22 @@ widget's own ES module as SVG), the current parameters named from the model's si
 elapsed time and rate, and the final status in colour (green converged, orange stopped, red
 failed or out of budget).
 
+**A batch of fits** (``curve_fit_batch(..., verbose=2)``, ``fit_stream_batch``, or
+``sinks=[FitWidget()]``) switches the widget to its batch view on ``BatchStarted``: the model's
+name and the number of fits, the converged fits against elapsed seconds (a line), the cost
+quantiles over the progress events (min-max band light, 10-90 % band darker, median line, log
+scale), the counts (converged / failed / running), fits a second and ETA, and the same Stop
+button, which stops the whole batch (``stop_fit(batch_id)``: every running fit ends with status
+-2 and its best parameters). ``BatchFinished`` shows the final counts and the status in colour:
+green when every fit converged, orange when the batch was stopped, red when some fit failed.
+Per-fit ``FitFinished`` events of the batch (``per_fit_events=True``) are left out; the next
+single fit (``FitStarted``) switches back to the fit view.
+
 Its subscription has the ``latest`` policy and it sends the frontend at most ``max_rate`` (20)
 updates a second, whatever the fit's speed: between updates it sleeps, and meanwhile the hub keeps
-only the newest Iteration for it. FitStarted and the terminal state always reach the frontend.
-The cost curve keeps at most ``MAX_POINTS`` points (older ones are thinned, the newest kept).
+only the newest Iteration for it. FitStarted, BatchStarted and the terminal state (FitFinished,
+FitFailed, BatchFinished) always reach the frontend at once. The cost curve, and a batch's
+progress series, keep at most ``MAX_POINTS`` points (older ones are thinned, the newest kept).
 
 **The Stop button while a cell blocks.** ``curve_fit(..., verbose=2)`` blocks the cell's thread
 until the fit ends, and ipykernel handles the frontend's widget messages (comm messages on the
@@ -54,12 +66,21 @@ import anywidget
 import traitlets
 
 from .._control import stop_fit
-from ..events import Event, FitFailed, FitFinished, FitStarted, Iteration
+from ..events import (
+    BatchFinished,
+    BatchProgress,
+    BatchStarted,
+    Event,
+    FitFailed,
+    FitFinished,
+    FitStarted,
+    Iteration,
+)
 from .kernel import in_notebook
 
 __all__ = ["MAX_POINTS", "FitWidget", "in_notebook"]
 
-MAX_POINTS = 500  # cost-curve points kept (and sent) at most
+MAX_POINTS = 500  # cost-curve (or batch-progress) points kept (and sent) at most
 _STATIC = Path(__file__).with_name("_static")
 
 # status -> colour class (tqdm.notebook bar styles; "warning" for a fit stopped on request)
@@ -92,6 +113,66 @@ def _finite(v: float | None) -> float | None:
         return None
     v = float(v)
     return v if math.isfinite(v) else None
+
+
+class _Thinned:
+    """A series sent to the frontend, bounded: the points whose key (an int that grows) is on the
+    stride, which doubles whenever more than ``MAX_POINTS`` are kept, plus the newest point."""
+
+    def __init__(self) -> None:
+        self.stride = 1
+        self.kept: list[tuple[int, list[Any]]] = []
+        self.tail: tuple[int, list[Any]] | None = None
+        self.n = 0  # points appended
+
+    def append(self, point: list[Any]) -> None:
+        """Add ``point`` keyed by its index in the series."""
+        self.add(self.n, point)
+        self.n += 1
+
+    def add(self, key: int, point: list[Any]) -> None:
+        kept = self.kept
+        if kept and kept[-1][0] == key:
+            kept[-1] = (key, point)
+        elif key % self.stride == 0:
+            kept.append((key, point))
+            self.tail = None
+            if len(kept) > MAX_POINTS:
+                self.stride *= 2
+                self.kept = [p for p in kept if p[0] % self.stride == 0]
+        else:
+            self.tail = (key, point)
+
+    def points(self) -> list[list[Any]]:
+        tail = [list(self.tail[1])] if self.tail else []
+        return [list(p) for _, p in self.kept] + tail
+
+
+def _batch_status(counts: dict[str, int]) -> str:
+    """A finished batch's status word: converged (all), stopped (on request), else failed."""
+    if all(int(k) > 0 for k, n in counts.items() if n):
+        return "converged"
+    return "stopped" if counts.get("-2", 0) else "failed"
+
+
+# a batch's final counts, status -> words (BatchResult's statuses)
+_COUNT_WORDS: dict[str, str] = {
+    "1": "gtol",
+    "2": "ftol",
+    "3": "xtol",
+    "4": "ftol & xtol",
+    "0": "out of budget",
+    "-2": "stopped",
+    "-3": "not finite",
+    "-4": "too few points",
+}
+
+
+def _batch_summary(ev: BatchFinished) -> str:
+    """``"398/400 converged in 1.23 s (ftol: 390, gtol: 8, not finite: 2)"``."""
+    items = sorted(ev.counts.items(), key=lambda kv: -int(kv[0]))
+    parts = ", ".join(f"{_COUNT_WORDS.get(k, 'status ' + k)}: {n}" for k, n in items if n)
+    return f"{ev.n_converged}/{ev.n_fits} converged in {ev.elapsed:.2f} s ({parts})"
 
 
 class FitWidget(anywidget.AnyWidget):
@@ -133,6 +214,19 @@ class FitWidget(anywidget.AnyWidget):
     message = traitlets.Unicode("").tag(sync=True)
     running = traitlets.Bool(False).tag(sync=True)
     stop_requested = traitlets.Bool(False).tag(sync=True)
+    # a batch of fits (view "batch"): counts, rates and the progress series
+    view = traitlets.Unicode("fit").tag(sync=True)  # "fit" or "batch"
+    n_fits = traitlets.Int(0).tag(sync=True)
+    n_running = traitlets.Int(0).tag(sync=True)
+    n_converged = traitlets.Int(0).tag(sync=True)
+    # ended without converging; while running stopped fits included, at the end in n_stopped
+    n_failed = traitlets.Int(0).tag(sync=True)
+    n_stopped = traitlets.Int(0).tag(sync=True)
+    fits_per_second = traitlets.Float(0.0).tag(sync=True)
+    eta = traitlets.Float(None, allow_none=True).tag(sync=True)  # seconds left
+    counts = traitlets.Dict().tag(sync=True)  # BatchFinished's {status: fits}
+    # [[iteration, elapsed, n_converged, n_failed, cost min, 10 %, median, 90 %, max], ...]
+    batch_progress = traitlets.List(traitlets.List()).tag(sync=True)
 
     def __init__(
         self, *, max_rate: float = 20.0, title: str = "", auto_display: bool = True
@@ -156,9 +250,9 @@ class FitWidget(anywidget.AnyWidget):
         self._route_stop_off_main_thread()
 
     def _reset_series(self) -> None:
-        self._stride = 1  # the cost curve keeps every stride-th iteration ...
-        self._kept: list[list[float]] = []
-        self._tail: list[float] | None = None  # ... and the newest one
+        self._costs = _Thinned()  # the cost curve, keyed by iteration
+        self._progress = _Thinned()  # a batch's progress, keyed by the progress event's index
+        self._batch_id = ""  # the batch shown (its per-fit events are left out)
 
     # -- the Stop button -----------------------------------------------------------------------
     def stop(self, fit_id: str | None = None) -> bool:
@@ -228,6 +322,10 @@ class FitWidget(anywidget.AnyWidget):
         if isinstance(ev, FitStarted):
             self._on_started(ev)
             return True
+        if isinstance(ev, (BatchStarted, BatchProgress, BatchFinished)):
+            return self._apply_batch(ev)
+        if self._batch_id and ev.fit_id.rpartition("/")[0] == self._batch_id:
+            return False  # one fit of the batch shown (per_fit_events): the batch view says it
         if self._t0 is None:  # joined mid-fit (e.g. a replayed log without its start)
             self._t0 = ev.time
         elapsed = max(ev.time - self._t0, 0.0)
@@ -244,6 +342,7 @@ class FitWidget(anywidget.AnyWidget):
                 elapsed=elapsed,
                 rate=ev.iteration / elapsed if elapsed > 0 else 0.0,
                 running=True,
+                view="fit",
             )
             return False
         if isinstance(ev, FitFinished):
@@ -285,8 +384,102 @@ class FitWidget(anywidget.AnyWidget):
             message="",
             running=True,
             stop_requested=False,
+            view="fit",
+            batch_progress=[],
         )
         self._maybe_display()
+
+    # -- a batch of fits -------------------------------------------------------------------------
+    def _apply_batch(self, ev: BatchStarted | BatchProgress | BatchFinished) -> bool:
+        if isinstance(ev, BatchStarted):
+            self._on_batch_started(ev)
+            return True
+        if ev.batch_id != self._batch_id:  # joined mid-batch (e.g. a replayed log)
+            self._batch_id = ev.batch_id
+            self._progress = _Thinned()
+            self._state.update(view="batch", fit_id=ev.batch_id, n_fits=ev.n_fits)
+        if isinstance(ev, BatchProgress):
+            self._on_batch_progress(ev)
+            return False
+        self._on_batch_finished(ev)
+        return True
+
+    def _on_batch_started(self, ev: BatchStarted) -> None:
+        """A new batch: the batch view, its series reset (and the widget shown, if not yet)."""
+        self._t0 = None
+        self._reset_series()
+        self._batch_id = ev.batch_id
+        self._state.update(
+            view="batch",
+            fit_id=ev.batch_id,
+            model_name=ev.model or "",
+            method=ev.method,
+            param_names=[str(n) for n in ev.param_names],
+            params=[],
+            n_fits=ev.n_fits,
+            n_running=ev.n_fits,
+            n_converged=0,
+            n_failed=0,
+            n_stopped=0,
+            fits_per_second=0.0,
+            eta=None,
+            counts={},
+            batch_progress=[],
+            iteration=0,
+            nfev=0,
+            max_nfev=0,
+            cost=None,
+            optimality=None,
+            costs=[],
+            elapsed=0.0,
+            rate=0.0,
+            status="running",
+            status_style=_STATUS_STYLE["running"],
+            message="",
+            running=True,
+            stop_requested=False,
+        )
+        self._maybe_display()
+
+    def _on_batch_progress(self, ev: BatchProgress) -> None:
+        q = [_finite(v) for v in ev.cost_quantiles.tolist()]
+        row = [ev.iteration, float(ev.elapsed), ev.n_converged, ev.n_failed, *q]
+        self._progress.append(row)
+        self._state.update(
+            iteration=ev.iteration,
+            n_running=ev.n_running,
+            n_converged=ev.n_converged,
+            n_failed=ev.n_failed,
+            nfev=ev.nfev,
+            cost=q[2] if len(q) > 2 else None,
+            elapsed=float(ev.elapsed),
+            fits_per_second=ev.fits_per_second,
+            eta=_finite(ev.eta),
+            batch_progress=self._progress.points(),
+        )
+
+    def _on_batch_finished(self, ev: BatchFinished) -> None:
+        """The final counts and the status in colour (green all converged, orange stopped, red
+        some failed)."""
+        counts = {str(k): int(n) for k, n in ev.counts.items()}
+        stopped = counts.get("-2", 0)
+        status = _batch_status(counts)
+        self._state.update(
+            n_running=0,
+            n_converged=ev.n_converged,
+            n_failed=ev.n_fits - ev.n_converged - stopped,
+            n_stopped=stopped,
+            counts=counts,
+            elapsed=float(ev.elapsed),
+            # fits that ended on their own (not stopped) a second, as BatchProgress counts them
+            fits_per_second=(ev.n_fits - stopped) / ev.elapsed if ev.elapsed > 0 else 0.0,
+            eta=None,
+            batch_progress=self._progress.points(),
+            status=status,
+            status_style=_STATUS_STYLE[status],
+            message=_batch_summary(ev),
+            running=False,
+        )
 
     def _on_finished(self, ev: FitFinished, elapsed: float) -> None:
         """The fit's result: last cost point, final parameters, status in colour."""
@@ -313,28 +506,16 @@ class FitWidget(anywidget.AnyWidget):
             status_style=_STATUS_STYLE[text],
             message=str(r.get("message", "")),
             running=False,
+            view="fit",
         )
         self._t0 = None
 
     def _add_cost(self, iteration: int, cost: float) -> None:
-        """Keep iterations on the stride (doubling it past ``MAX_POINTS``) plus the newest one."""
-        if not (math.isfinite(cost) and cost > 0):  # the plot is log-scaled
-            return
-        point = [int(iteration), float(cost)]
-        kept = self._kept
-        if kept and kept[-1][0] == point[0]:
-            kept[-1] = point
-        elif point[0] % self._stride == 0:
-            kept.append(point)
-            self._tail = None
-            if len(kept) > MAX_POINTS:
-                self._stride *= 2
-                self._kept = [p for p in kept if p[0] % self._stride == 0]
-        else:
-            self._tail = point
+        if math.isfinite(cost) and cost > 0:  # the plot is log-scaled
+            self._costs.add(int(iteration), [int(iteration), float(cost)])
 
     def _series(self) -> list[list[float]]:
-        return [list(p) for p in self._kept] + ([list(self._tail)] if self._tail else [])
+        return self._costs.points()
 
     def flush(self) -> None:
         """Send the pending state to the frontend now, in one message."""

@@ -34,9 +34,10 @@ _LS_KWARGS = ("ftol", "xtol", "gtol", "x_scale", "loss", "f_scale", "max_nfev", 
 class CurveFitProblem:
     """Residuals ``transform (f(xdata, *p) - ydata)``; ``data`` is ``(xdata, ydata, transform)``.
 
-    ``sigma_kind`` is ``"none"`` (transform is None), ``"1d"`` (transform = 1 / sigma) or
+    ``sigma_kind`` is ``"none"`` (transform is None), ``"1d"`` (transform = 1 / sigma),
     ``"2d"`` (transform is the lower Cholesky factor L of the covariance; residuals are
-    ``L^-1 r``).
+    ``L^-1 r``) or ``"masked"`` (transform = 1 / sigma where a point is present, 0 where it is
+    absent: an absent point's residual is exactly 0 even where the model is not finite there).
     """
 
     model: Callable[..., Any]
@@ -50,6 +51,9 @@ class CurveFitProblem:
             return r * (transform if r.ndim == 1 else transform[:, None])
         if self.sigma_kind == "2d":
             return jsl.solve_triangular(transform, r, lower=True)
+        if self.sigma_kind == "masked":
+            w = transform if r.ndim == 1 else transform[:, None]
+            return jnp.where(w != 0, r * w, 0.0)
         return r
 
     def residual(self, x: Array, data: Any) -> Array:

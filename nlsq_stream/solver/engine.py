@@ -835,14 +835,20 @@ def solve_chunk(
 
 def unpack_chunk(packed: np.ndarray, n: int) -> tuple[dict[str, Any], np.ndarray, int, np.ndarray]:
     """Host side of ``solve_chunk``: (results as ``unpack``, this chunk's record rows, trials,
-    the record of the current state)."""
+    the chunk's info: ``[records, trials, reduction, step_norm]``, for ``current_row``)."""
     end = 2 * n + n * n + 6
     v = unpack(packed[:end], n)
-    filled, trials, reduction, step_norm = packed[end : end + 4].tolist()
-    rows = packed[end + 4 :].reshape(-1, n + 6)[: int(filled)]
-    head = [v["nit"], v["nfev"], v["cost"], reduction, step_norm, v["optimality"]]
-    current = np.concatenate([np.asarray(head, packed.dtype), v["x"]])
-    return v, rows, int(trials), current
+    info = packed[end : end + 4]
+    filled, trials = int(info[0]), int(info[1])
+    rows = packed[end + 4 :].reshape(-1, n + 6)[:filled]
+    return v, rows, trials, info
+
+
+def current_row(v: dict[str, Any], info: np.ndarray) -> np.ndarray:
+    """The record of the state a chunk ended in (``unpack_chunk``'s results and info): what a
+    stopped fit reports as its last iteration."""
+    head = [v["nit"], v["nfev"], v["cost"], info[2], info[3], v["optimality"]]
+    return np.concatenate([np.asarray(head, info.dtype), v["x"]])
 
 
 @_program

@@ -18,6 +18,12 @@ the records come back, one transfer per chunk.
   (the last fit of the problem took that many trials): no short last chunk. A chunk boundary is
   not free: at 1e6 points a fit split in two took 3.2 ms longer (120 pairs, device-side), so a
   fit expected to end within 80 ms, inside the latency budget (100 ms), runs as one chunk.
+  Judged by time alone, that rule split the same fit on a slower day: the 1e6-point fit (6
+  trials, ~60 ms) took ~110 ms with the machine 2-4 times slower and was cut in three chunks,
+  adding two boundaries to the fit that could least afford them. So a fit expected to end
+  within ``TAIL_TRIALS`` (8) trials also runs as one chunk while it is expected to end within
+  ``TAIL_MAX`` intervals (240 ms): a slower machine does not split a short fit, and its events
+  then wait up to 240 ms (only on a machine 3-4 times slower than usual).
   Counting trials rather than records means that a long run of rejected trials still ends its
   chunk, so a stop request always gets through. A chunk also ends when its buffer is full.
 * a stop request (``stream.stop()``, the Stop button, Ctrl-C) is seen between chunks: the fit
@@ -46,6 +52,8 @@ from ..solver import engine
 
 TARGET_INTERVAL = 0.04  # seconds of fit time per chunk (latency budget: 100 ms)
 TAIL = 2.0  # a chunk stretches this far to end a fit expected to end within it (80 ms)
+TAIL_TRIALS = 8  # ... or to end a fit expected to end within this many trials, ...
+TAIL_MAX = 6.0  # ... and within this many intervals (240 ms: the latency such a fit may have)
 K_MAX = 256  # rows in the device buffer (a full buffer ends the chunk)
 K_TRIALS_MAX = 1 << 14  # at most this many trials per chunk
 ROW_HEAD = 6  # iteration, nfev, cost, cost_reduction, step_norm, optimality; then the params
@@ -120,7 +128,7 @@ class Channel:
         self.flushes = 0
         self.last_iteration = -1  # of the rows delivered so far
         self.keyboard_interrupt: KeyboardInterrupt | None = None  # re-raised after the sinks
-        self._key: Any = None
+        self._memory: Memory | None = None  # what is known of the problem (``first_k``)
         self._sink = sink
         self._target = target_interval
         self._last = time.perf_counter()
@@ -141,10 +149,19 @@ class Channel:
         trials fill a chunk, so a short fit runs as a single chunk. For a new one the host times
         the fit's start (one evaluation, about one trial) instead.
         """
-        self._key = key
         self._last = time.perf_counter()
-        per_trial = _PER_TRIAL.get(key) if key is not None else None
-        self._expected = _TRIALS.get(key) if key is not None else None
+        memory = None
+        if key is not None:  # one look-up per fit: hashing the key (the config) is not free
+            memory = _MEMORY.get(key)
+            if memory is None:
+                memory = _MEMORY[key] = Memory()
+                if len(_MEMORY) > _CACHE_SIZE:
+                    _MEMORY.popitem(last=False)
+            else:
+                _MEMORY.move_to_end(key)
+        self._memory = memory
+        per_trial = memory.per_trial if memory is not None else None
+        self._expected = memory.trials if memory is not None else None
         if per_trial is None:
             self.announce()  # a new problem may compile first: show the start at once
             return None
@@ -175,16 +192,20 @@ class Channel:
         if self._expected is not None:
             # A fit expected to end within TAIL intervals runs to its end in this chunk, with the
             # rest of those intervals as slack: a short last chunk would cost a chunk boundary.
+            # So does one expected to end within TAIL_TRIALS trials and TAIL_MAX intervals: the
+            # same fit on a machine a few times slower (under load, say) is not split either.
             left = self._expected - self._trials
-            budget = self._target * TAIL
-            if 0 < left and left * per_trial <= budget:
-                k = max(k, int(min(budget / per_trial, K_TRIALS_MAX)))
+            needed = left * per_trial
+            if 0 < left and needed <= self._target * TAIL:
+                k = max(k, int(min(self._target * TAIL / per_trial, K_TRIALS_MAX)))
+            elif 0 < left <= TAIL_TRIALS and needed <= self._target * TAIL_MAX:
+                k = max(k, int(self._target * TAIL_MAX / per_trial), left + 2)  # 2 spare trials
         return k
 
     def remember_trials(self, trials: int) -> None:
         """The fit ended after ``trials`` trials: the next fit of the problem expects as many."""
-        if self._key is not None:
-            _remember(_TRIALS, self._key, trials)
+        if self._memory is not None:
+            self._memory.trials = trials
 
     def on_rows(self, rows: np.ndarray, trials: int, last: bool = False) -> tuple[int, bool]:
         """Take a chunk's rows, from ``trials`` trials; answer (trials in the next chunk, stop?).
@@ -205,8 +226,8 @@ class Channel:
         self._trials += trials
         if trials > 0:
             per_trial = max((now - self._last) / trials, 1e-7)
-            if self._key is not None and trials > 1:
-                _remember(_PER_TRIAL, self._key, per_trial)
+            if self._memory is not None and trials > 1:
+                self._memory.per_trial = per_trial
             self._last = now
             self._k = self._k_for(per_trial)
         return self._k, self.stop_requested.is_set()
@@ -223,15 +244,17 @@ class Channel:
                 self.send(rows, time.time())
 
 
-_PER_TRIAL: collections.OrderedDict[Any, float] = collections.OrderedDict()  # s per trial
-_TRIALS: collections.OrderedDict[Any, int] = collections.OrderedDict()  # trials of the last fit
+class Memory:
+    """What the last fit of a problem taught: seconds per trial, and the trials it took."""
+
+    __slots__ = ("per_trial", "trials")
+
+    def __init__(self, per_trial: float | None = None, trials: int | None = None) -> None:
+        self.per_trial = per_trial
+        self.trials = trials
 
 
-def _remember(cache: collections.OrderedDict[Any, Any], key: Any, value: Any) -> None:
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
+_MEMORY: collections.OrderedDict[Any, Memory] = collections.OrderedDict()  # by problem, LRU
 
 
 def run_chunks(
@@ -258,10 +281,10 @@ def run_chunks(
     flat, packed = engine.first_chunk(problem, config, vectors, scalars, data, np.int32(k or 1))
     channel.dispatched()
     v: dict[str, Any] | None = None
-    current = np.zeros(0)
+    info = np.zeros(0)
     try:
         while True:
-            v, rows, trials, current = engine.unpack_chunk(engine.fetch(packed), n)
+            v, rows, trials, info = engine.unpack_chunk(engine.fetch(packed), n)
             running = v["status"] == engine.RUNNING
             k, stop = channel.on_chunk(trials)
             if running and not stop:
@@ -282,6 +305,7 @@ def run_chunks(
     if v["status"] == engine.RUNNING:  # stopped between chunks
         v["status"] = engine.STATUS_STOPPED
         # The iteration the fit stopped at is reported even where level 1 skipped it.
+        current = engine.current_row(v, info)
         if int(current[0]) > channel.last_iteration:
             channel.on_rows(np.asarray(current[None, :], np.float64), 0, last=True)
     if not config.fun_jac:

@@ -13,7 +13,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -25,6 +25,7 @@ from ..solver.fit import PreparedFit
 from .hub import HUB, Batch, Policy, Subscription, _scheduler
 from .pipeline import (
     Display,
+    HubChannel,
     describe,
     execute,
     hub_channel,
@@ -36,6 +37,35 @@ from .pipeline import (
 from .runner import SinkRunner
 
 
+class Job(Protocol):
+    """What a :class:`FitStream` runs: one fit (:class:`FitJob`) or a batch (``batch.BatchJob``)."""
+
+    verbose: int
+
+    def started(self, fit_id: str) -> Event: ...
+
+    def run(self, channel: HubChannel) -> Any: ...
+
+    def publish_end(self, fit_id: str, result: Any, error: BaseException | None) -> None: ...
+
+
+class FitJob:
+    """One fit: its start event, its watched run, its terminal event."""
+
+    def __init__(self, prep: PreparedFit) -> None:
+        self.prep = prep
+        self.verbose = prep.verbose
+
+    def started(self, fit_id: str) -> Event:
+        return started_event(self.prep, fit_id)
+
+    def run(self, channel: HubChannel) -> OptimizeResult:
+        return execute(self.prep, self.prep.verbose or 2, channel)
+
+    def publish_end(self, fit_id: str, result: Any, error: BaseException | None) -> None:
+        publish_terminal(fit_id, result, error)
+
+
 class _Worker:
     """The running side of a :class:`FitStream`: its solver thread, channel and sinks.
 
@@ -44,12 +74,12 @@ class _Worker:
     finalizer stops the fit.
     """
 
-    def __init__(self, prep: PreparedFit, fit_id: str, sinks: Sequence[Any]) -> None:
-        self.prep = prep
+    def __init__(self, job: Job, fit_id: str, sinks: Sequence[Any]) -> None:
+        self.job = job
         self.fit_id = fit_id
         self.sinks = sinks
         self.channel = hub_channel(fit_id)
-        self.result: OptimizeResult | None = None
+        self.result: Any = None
         self.error: BaseException | None = None
         self.runner: SinkRunner | None = None
         self.thread: threading.Thread | None = None
@@ -68,7 +98,7 @@ class _Worker:
             self.runner.__enter__()
         else:
             self.sinks_done.set()
-        HUB.publish(Batch(self.fit_id, [started_event(self.prep, self.fit_id)]))
+        HUB.publish(Batch(self.fit_id, [self.job.started(self.fit_id)]))
         self.thread = threading.Thread(
             target=self.run, args=(schedule,), name=f"nlsq_stream-{self.fit_id}", daemon=True
         )
@@ -77,18 +107,18 @@ class _Worker:
     def run(self, schedule: Callable[..., None]) -> None:
         res = None
         try:
-            res = execute(self.prep, self.prep.verbose or 2, self.channel)
+            res = self.job.run(self.channel)
             self.result = res
         except BaseException as e:
             self.error = e
         finally:
-            publish_terminal(self.fit_id, res, self.error)
+            self.job.publish_end(self.fit_id, res, self.error)
             # Sinks finish on their own after the terminal event; closing their loop here means
             # nothing waits for the consumer (who may have broken out of a plain ``async for``).
             if self.runner is not None:
                 self.runner.wait()
                 self.runner.__exit__(None, None, None)
-                if res is not None:
+                if isinstance(res, OptimizeResult):
                     res["sink_errors"] = list(self.runner.errors)
             _safe_schedule(schedule, self.done.set)
 
@@ -120,22 +150,25 @@ class FitStream:
 
     def __init__(
         self,
-        prep: PreparedFit,
+        prep: PreparedFit | Job,
         policy: Policy,
         sinks: Sequence[Any],
         display: Display | None = None,
+        fit_id: str | None = None,
     ) -> None:
-        self.fit_id = new_fit_id()
+        job = FitJob(prep) if isinstance(prep, PreparedFit) else prep
+        self.fit_id = fit_id or new_fit_id()
         self._policy = policy
-        self._worker = _Worker(prep, self.fit_id, with_display(sinks, prep.verbose, display))
+        self._worker = _Worker(job, self.fit_id, with_display(sinks, job.verbose, display))
         self._started = False
         self._closed = False
         self._terminal_seen = False
         self._sub: Subscription | None = None
 
     @property
-    def result(self) -> OptimizeResult | None:
-        """The :class:`OptimizeResult` once the fit finished (None before, or if it failed)."""
+    def result(self) -> Any:
+        """The :class:`OptimizeResult` once the fit finished (a ``BatchResult`` for a batch;
+        None before, or if it failed)."""
         return self._worker.result
 
     @property
@@ -218,7 +251,7 @@ class FitStream:
             self.stop()
             await self._close()
             raise
-        if isinstance(ev, TERMINAL):
+        if isinstance(ev, TERMINAL) and ev.fit_id == self.fit_id:
             self._terminal_seen = True
             if isinstance(ev, FitFailed):
                 with anyio.CancelScope(shield=True):

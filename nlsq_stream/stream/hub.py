@@ -19,84 +19,33 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
-import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..events import TERMINAL, Event, Iteration
+from ..events import TERMINAL, Event, EventBatch, Iteration, iterations_from_rows
 
 Policy = Literal["lossless", "latest"]
 LOSSLESS_WINDOW = 1024  # decoded events a lossless stream holds; the rest wait as raw batches
 POLICIES: tuple[str, ...] = ("lossless", "latest")
 
 
-class Batch:
-    """Events of one fit published together; Iteration rows are decoded lazily, once."""
+class Batch(EventBatch):
+    """Events of one fit published together (an :class:`~nlsq_stream.events.EventBatch`):
+    ``events``, then the Iteration events of ``rows`` (built on first use, once, whichever
+    thread asks first), then ``tail``."""
 
-    __slots__ = ("_events", "_head", "_lock", "_rows", "_tail", "fit_id", "time")
-
-    def __init__(
-        self,
-        fit_id: str,
-        events: Sequence[Event] | None = None,
-        rows: np.ndarray | None = None,
-        time: float = 0.0,
-        tail: Sequence[Event] = (),
-    ) -> None:
-        """``events``, then the Iteration events of ``rows`` (decoded on first use), then
-        ``tail``: one hand-off for, say, a short fit's start, iterations and end."""
-        self.fit_id = fit_id
-        self._head = list(events) if events is not None else []
-        self._tail = list(tail)
-        self._rows = rows
-        self._events: list[Event] | None = None if rows is not None else self._head + self._tail
-        self.time = time
-        self._lock = threading.Lock()
-
-    def events(self) -> list[Event]:
-        if self._events is None:
-            with self._lock:
-                if self._events is None:
-                    its = rows_to_iterations(self.fit_id, self._rows, self.time)
-                    self._events = self._head + its + self._tail
-        return self._events
+    __slots__ = ()
 
 
-def rows_to_iterations(fit_id: str, rows: Any, t: float) -> list[Event]:
-    """Decode record rows ``[iteration, nfev, cost, reduction, step_norm, optimality, *params]``.
-
-    The host's per-event cost matters here (a short fit's whole watch budget is a fraction of a
-    millisecond): the head columns become Python numbers in one ``tolist`` and every event's
-    ``params`` is a row of one float64 copy of the parameter columns.
-    """
-    rows = np.asarray(rows)
-    if rows.shape[0] == 0:
-        return []
-    heads = rows[:, :6].tolist()
-    params = np.array(rows[:, 6:], dtype=np.float64)
-    new = object.__new__
-    out: list[Event] = []
-    for (it, nfev, cost, red, step, opt), p in zip(heads, params, strict=True):
-        ev = new(Iteration)
-        # The frozen dataclass's own __init__ sets each field through object.__setattr__: the
-        # same fields, set at once (checked against the dataclass in tests/test_hub.py).
-        ev.__dict__.update(
-            fit_id=fit_id,
-            iteration=int(it),
-            nfev=int(nfev),
-            cost=cost,
-            cost_reduction=None if it == 0 else red,
-            step_norm=None if it == 0 else step,
-            optimality=opt,
-            params=p,
-            time=t,
-        )
-        out.append(ev)
-    return out
+def rows_to_iterations(fit_id: str, rows: Any, t: float) -> list[Iteration]:
+    """Decode record rows ``[iteration, nfev, cost, reduction, step_norm, optimality, *params]``
+    (``events.iterations_from_rows``: in bulk, a short fit's whole watch budget being a fraction
+    of a millisecond)."""
+    return iterations_from_rows(fit_id, rows, t)
 
 
 def _scheduler(token: anyio.lowlevel.EventLoopToken) -> Callable[..., None]:
@@ -188,7 +137,9 @@ class Subscription:
                 self._pending.clear()
                 return
             self._side.popleft()
-            if self.fit_id is not None and isinstance(ev, TERMINAL):
+            # The subscribed fit's own terminal event ends the stream (a batch's per-fit
+            # FitFinished events, "<batch_id>/<i>", do not).
+            if self.fit_id is not None and isinstance(ev, TERMINAL) and ev.fit_id == self.fit_id:
                 self._ended = True
                 self._send.close()
                 if self._hub is not None:  # a finished fit needs no routing any more
@@ -254,6 +205,8 @@ class Hub:
             self._subs = tuple(s for s in self._subs if s is not sub)
 
     def has_subscribers(self, fit_id: str) -> bool:
+        if not self._subs:  # the usual case, asked after every chunk of an inline fit
+            return False
         return any(s.fit_id is None or s.fit_id == fit_id for s in self._subs)
 
     def publish(self, batch: Batch) -> None:

@@ -27,19 +27,39 @@ from .hub import HUB, Policy, Subscription
 MAX_SINK_BATCH = 1024  # events handed to a sink at once: bounds the memory of one write
 
 
+def sink_name(sink: Any) -> str:
+    """How errors name a sink: a function by its name, an object by its class."""
+    return str(getattr(sink, "__name__", None) or type(sink).__name__)
+
+
+def detached_message(name: str, e: BaseException) -> str:
+    """The error kept for a sink that raised ``e`` and was detached."""
+    return (
+        f"sink {name} raised {type(e).__name__}: {e}; it was detached "
+        f"({''.join(traceback.format_exception_only(e)).strip()})"
+    )
+
+
 class _SinkAdapter:
     """Presents any accepted sink as ``send_batch(events)`` plus ``aclose()``."""
 
     def __init__(self, sink: Any) -> None:
         self.sink = sink
         self.policy: Policy = getattr(sink, "policy", "lossless")
-        self.name = getattr(sink, "__name__", None) or type(sink).__name__
+        self.name = sink_name(sink)
         self.started = False  # its task took its first step
+        # An inline sink with no async method (``write_batch`` and ``close`` only) runs here too.
+        self.inline_only = not (
+            callable(sink) or hasattr(sink, "send") or hasattr(sink, "send_batch")
+        )
 
     async def send_batch(self, events: list[Event]) -> None:
         sink = self.sink
         if hasattr(sink, "send_batch"):
             await sink.send_batch(events)
+            return
+        if self.inline_only:
+            sink.write_batch(events)
             return
         send = sink.send if hasattr(sink, "send") else sink
         for ev in events:
@@ -48,7 +68,7 @@ class _SinkAdapter:
                 await out
 
     async def aclose(self) -> None:
-        close = getattr(self.sink, "aclose", None)
+        close = getattr(self.sink, "close" if self.inline_only else "aclose", None)
         if close is not None:
             out = close()
             if inspect.isawaitable(out):
@@ -228,10 +248,7 @@ class SinkRunner:
                 try:
                     await adapter.send_batch(batch)
                 except Exception as e:
-                    self.errors.append(
-                        f"sink {adapter.name} raised {type(e).__name__}: {e}; it was detached "
-                        f"({''.join(traceback.format_exception_only(e)).strip()})"
-                    )
+                    self.errors.append(detached_message(adapter.name, e))
                     break
                 if len(batch) == MAX_SINK_BATCH:  # a backlog: let the other sinks have a turn
                     await anyio.lowlevel.checkpoint()

@@ -1,0 +1,50 @@
+"""``nlsq-stream bench batch``: a quick smoke test (tiny sizes, a tiny loop sample, no optimistix).
+
+Timings belong in the benchmark, not here: this only checks that it runs and reports what it
+promises (both dtypes, the table, the loops' sample, the peak RSS, the targets).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from nlsq_stream.benchmarks import BenchOptions
+from nlsq_stream.benchmarks import batch as bench
+from nlsq_stream.cli import BENCHES, build_parser
+
+
+def test_the_cli_knows_the_batch_bench() -> None:
+    assert "batch" in BENCHES
+    args = build_parser().parse_args(["bench", "batch", "--quick", "--sizes", "1e2,1e3"])
+    assert (args.which, args.quick, args.sizes) == ("batch", True, (100, 1000))
+
+
+def test_gauss_data_is_fixed_and_typed() -> None:
+    x, y, true = bench.gauss_data(5, np.float32)
+    assert x.shape == (100,) and y.shape == (5, 100) and true.shape == (5, 4)
+    assert x.dtype == y.dtype == np.float32
+    np.testing.assert_array_equal(y, bench.gauss_data(5, np.float32)[1])
+    assert bench._same_minimum(np.array([1.0, 2.0]), np.array([1.0, 2.5]), 1e-6) == 0.5
+
+
+def test_bench_batch_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "LOOP_SAMPLE", 20)
+    monkeypatch.setattr(bench, "LOOP_ROUNDS", 2)
+    monkeypatch.setattr(bench, "optimistix_fit", lambda dtype: (None, "left out in this test"))
+    out = io.StringIO()
+    bench.bench_batch(BenchOptions(quick=True, repeats=1, sizes=(20, 40), out=out))
+    text = out.getvalue()
+    for expected in (
+        "-- float64",
+        "-- float32",
+        "optimistix skipped: left out in this test",
+        "sample of 20 fits",
+        "ours fits/s",
+        "peak RSS after N=40",
+        "growth needs two sizes >= 1e3",
+    ):
+        assert expected in text, text
+    assert text.count("100.0% success") == 4, text

@@ -1,0 +1,224 @@
+"""``nlsq_stream.dask``: fits in blocks, in-process and on a 2-worker LocalCluster (a worker killed
+mid-job, a model that raises), the live view, and the xarray face against xarray's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nlsq_stream import BatchFinished, BatchProgress, BatchStarted, curve_fit_batch
+from nlsq_stream.events import event_from_json
+from nlsq_stream.sinks import JsonlSink
+
+da = pytest.importorskip("dask.array", reason="the dask extra is not installed")
+nd = pytest.importorskip("nlsq_stream.dask", reason="the dask extra is not installed")
+
+pytestmark = pytest.mark.usefixtures("no_leftover_threads")
+
+X = np.linspace(0.0, 4.0, 30)
+P0 = [1.0, 1.0, 0.0]
+
+
+def decay(x, a, b, c):
+    return a * jnp.exp(-b * x) + c
+
+
+def data(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(1.0, 3.0, shape)
+    b = rng.uniform(0.3, 1.2, shape)
+    return a[..., None] * np.exp(-b[..., None] * X) + 0.1 + 0.01 * rng.standard_normal((*shape, 30))
+
+
+def reference(y: np.ndarray):
+    return curve_fit_batch(decay, X, y.reshape(-1, y.shape[-1]), p0=P0)
+
+
+# In-process results are computed with scheduler="sync": dask's default threaded scheduler keeps a
+# process-wide pool of threads, which the leftover-thread check would see.
+
+
+def read_log(path) -> list:
+    return [event_from_json(line) for line in path.read_text().splitlines()]
+
+
+def check_log(events: list, n_fits: int, n_blocks: int, converged: int) -> None:
+    assert isinstance(events[0], BatchStarted) and events[0].n_fits == n_fits
+    assert isinstance(events[-1], BatchFinished) and events[-1].n_fits == n_fits
+    assert len({e.batch_id for e in events}) == 1
+    progress = [e for e in events if isinstance(e, BatchProgress)]
+    assert progress and all(e.blocks is not None for e in progress)
+    last = progress[-1]
+    assert last.blocks["done"] == last.blocks["total"] == n_blocks
+    assert last.n_converged == converged == events[-1].n_converged  # each block counted once
+    assert all(e.n_converged + e.n_failed + e.n_running == n_fits for e in progress)
+
+
+def test_blocks_in_process_equal_one_batch_and_report_per_block(tmp_path):
+    y = data((4, 6))
+    log = tmp_path / "blocks.jsonl"
+    res = nd.fit_blocks(decay, X, da.from_array(y, chunks=(2, 3, 30)), P0, sinks=[JsonlSink(log)])
+    ref = reference(y)
+    assert res.popt.shape == (4, 6, 3) and res.status.shape == (4, 6)
+    assert res.pcov.shape == (4, 6, 3, 3) and res.popt.chunks[:2] == ((2, 2), (3, 3))
+    np.testing.assert_array_equal(res.popt.compute(scheduler="sync").reshape(-1, 3), ref.popt)
+    np.testing.assert_array_equal(res.perr.compute(scheduler="sync").reshape(-1, 3), ref.perr)
+    np.testing.assert_array_equal(res.status.compute(scheduler="sync").ravel(), ref.status)
+    check_log(read_log(log), 24, 4, int(ref.success.sum()))
+
+
+def test_unwatched_and_bad_arguments():
+    y = data((5,))
+    res = nd.fit_blocks(decay, X, da.from_array(y, chunks=(2, 30)))  # p0 None: 3 from signature
+    np.testing.assert_allclose(
+        res.popt.compute(scheduler="sync"),
+        curve_fit_batch(decay, X, y).popt,
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    with pytest.raises(ValueError, match="one chunk"):
+        nd.fit_blocks(decay, X, da.from_array(y, chunks=(2, 10)), P0)
+    with pytest.raises(TypeError, match="dask array"):
+        nd.fit_blocks(decay, X, y, P0)
+
+
+def broken(x, a, b, c):
+    raise RuntimeError("sensor offline")
+
+
+def test_a_block_that_raises_names_the_block_and_cause(tmp_path):
+    log = tmp_path / "bad.jsonl"
+    y = da.from_array(data((4,)), chunks=(2, 30))
+    with pytest.raises(nd.BlockFitError, match=r"block \d \(2 fits\) failed: .*sensor offline"):
+        nd.fit_blocks(broken, X, y, P0, sinks=[JsonlSink(log)])
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["type"] == "FitFailed" and "sensor offline" in last["message"]
+
+
+def test_blocks_field_round_trips_and_old_lines_still_read():
+    ev = BatchProgress("b", 1, 4, 2, 2, 0, np.zeros(5), 10, 1.0, 2.0, blocks={"total": 2})
+    assert event_from_json(ev.to_json()) == ev
+    plain = BatchProgress("b", 1, 4, 2, 2, 0, np.zeros(5), 10, 1.0, 2.0)
+    assert "blocks" not in plain.to_dict() and event_from_json(plain.to_json()).blocks is None
+
+
+def test_xarray_face_matches_xarray_curvefit():
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("scipy")
+    y = data((3, 4), seed=1)
+    arr = xr.DataArray(y, dims=("r", "c", "t"), coords={"t": X, "r": [10, 20, 30]}, name="sig")
+
+    def decay_np(t, a, b, c):
+        return a * np.exp(-b * t) + c
+
+    kw = {"p0": {"a": 1.0, "b": 1.0}, "bounds": {"b": (0.0, 5.0)}}
+    ours = nd.curvefit(arr, "t", decay, **kw).compute(scheduler="sync")
+    ref = arr.curvefit("t", decay_np, **kw)
+    assert set(ours.data_vars) == set(ref.data_vars)
+    for name in ref.data_vars:
+        assert ours[name].dims == ref[name].dims
+        np.testing.assert_allclose(ours[name].values, ref[name].values, rtol=1e-5, atol=1e-9)
+    assert list(ours.param.values) == ["a", "b", "c"] and list(ours.r.values) == [10, 20, 30]
+    one = nd.curvefit(arr.isel(r=0, c=0), "t", decay, p0=kw["p0"])
+    assert one.curvefit_coefficients.dims == ("param",)
+
+
+# --- on a cluster -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def _distributed_process_threads():
+    """distributed keeps one process-wide thread (its offload executor) once a client used it, and
+    its spawned workers start multiprocessing's resource tracker (a helper process that lives as
+    long as this one): both are started here, before the leftover checks take their snapshots."""
+    utils = pytest.importorskip("distributed.utils", reason="distributed is not installed")
+    utils._offload_executor.submit(lambda: None).result()
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+@pytest.fixture
+def cluster(_distributed_process_threads):
+    """A 2-worker LocalCluster (processes) and its client, stopped after the test; no child
+    process may be left."""
+    distributed = pytest.importorskip("distributed")
+    psutil = pytest.importorskip("psutil")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            processes=True,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as lc,
+        distributed.Client(lc) as client,
+    ):
+        yield lc, client
+    deadline = time.monotonic() + 10.0
+    while True:
+        left = {p.pid for p in psutil.Process().children(recursive=True)} - before
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    names = [" ".join(psutil.Process(p).cmdline())[:120] for p in left if psutil.pid_exists(p)]
+    assert not left, f"child processes left behind: {names}"
+
+
+@pytest.mark.timeout(300)
+def test_cluster_equals_in_process_and_reports_errors(cluster, tmp_path):
+    _, client = cluster
+    y = data((16,))
+    log = tmp_path / "cluster.jsonl"
+    res = nd.fit_blocks(
+        decay, X, da.from_array(y, chunks=(4, 30)), P0, client, sinks=[JsonlSink(log)]
+    )
+    ref = reference(y)
+    np.testing.assert_allclose(res.popt.compute(), ref.popt, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(res.status.compute(), ref.status)
+    check_log(read_log(log), 16, 4, int(ref.success.sum()))
+    with pytest.raises(nd.BlockFitError, match=r"block \d \(4 fits\) failed: .*sensor offline"):
+        nd.fit_blocks(broken, X, da.from_array(y, chunks=(4, 30)), P0, client)
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_worker_s_blocks_run_elsewhere(cluster, tmp_path):
+    _, client = cluster
+    y = data((24,), seed=2)
+    log = tmp_path / "killed.jsonl"
+    killed: list[str] = []
+
+    def kill_a_busy_worker() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            busy = [w for w, tasks in client.processing().items() if tasks]
+            if busy:
+                killed.append(busy[0])
+                try:
+                    client.run(os._exit, 1, workers=busy[:1])
+                except Exception:  # the worker died before it answered
+                    pass
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_busy_worker, name="killer")
+    killer.start()
+    try:
+        res = nd.fit_blocks(
+            decay, X, da.from_array(y, chunks=(4, 30)), P0, client, sinks=[JsonlSink(log)]
+        )
+        popt, status = res.popt.compute(), res.status.compute()
+    finally:
+        killer.join()
+    assert killed, "no worker was busy to kill"
+    ref = reference(y)
+    np.testing.assert_allclose(popt, ref.popt, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(status, ref.status)
+    check_log(read_log(log), 24, 6, int(ref.success.sum()))
