@@ -114,28 +114,57 @@ def prepare_curve_fit_batch(
         x = _zero_absent(x, present)
     data = (x, y, transform)
     axes = (x_axis, 0) + (() if transform is None else (0 if transform.ndim == 2 else None,))
-    xs = options.pop("x_scale")
-    vectors = np.empty((n_fits, 4, n), dtype)
+    problem = CurveFitProblem(f, validate.check_jac(jac), kind)
+    return batch_problem(
+        problem,
+        method,
+        has_bounds,
+        (x0, lb, ub),
+        options,
+        data,
+        axes,
+        points=present.sum(axis=1),
+        absolute_sigma=bool(absolute_sigma),
+        param_names=tuple(names) if names is not None and len(names) == n else (),
+    )
+
+
+def batch_problem(
+    problem: Any,
+    method: str,
+    has_bounds: bool,
+    starts_and_bounds: tuple[np.ndarray, np.ndarray, np.ndarray],
+    options: dict[str, Any],
+    data: Any,
+    axes: tuple[int | None, ...],
+    points: np.ndarray,
+    absolute_sigma: bool,
+    param_names: tuple[str, ...],
+) -> PreparedBatch:
+    """The engine's view of a checked batch: (N, 4, n) vectors of x0, lb, ub and x_scale, the
+    shared scalars, and the static options (``options`` as ``_options`` returns them)."""
+    x0, lb, ub = starts_and_bounds
+    n_fits, n = x0.shape
+    xs = options["x_scale"]
+    vectors = np.empty((n_fits, 4, n), x0.dtype)
     vectors[:, 0], vectors[:, 1], vectors[:, 2] = x0, lb, ub
     vectors[:, 3] = 1.0 if isinstance(xs, str) else xs
-    tols = options.pop("tols")
-    scalars = np.array([*tols, options.pop("f_scale"), options.pop("max_nfev")], dtype)
+    scalars = np.array([*options["tols"], options["f_scale"], options["max_nfev"]], x0.dtype)
     config = engine.Config(
         method=method,
-        loss=options.pop("loss"),
+        loss=options["loss"],
         has_bounds=has_bounds,
         jac_scale=isinstance(xs, str),
         emitter=TrialCounter(),
         fun_jac=False,
     )
-    problem = CurveFitProblem(f, validate.check_jac(jac), kind)
     return PreparedBatch(
         batch=BatchProblem(problem, config, vectors, scalars, data, axes),
-        points=present.sum(axis=1),
-        absolute_sigma=bool(absolute_sigma),
-        param_names=tuple(names) if names is not None and len(names) == n else (),
+        points=points,
+        absolute_sigma=absolute_sigma,
+        param_names=param_names,
         method=method,
-        verbose=options.pop("verbose"),
+        verbose=options["verbose"],
     )
 
 

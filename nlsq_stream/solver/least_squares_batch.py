@@ -13,9 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import engine, validate
-from .batch import BatchProblem, TrialCounter
-from .curve_fit_batch import PreparedBatch, _bounds, _options, _p0
+from . import validate
+from .curve_fit_batch import PreparedBatch, _bounds, _options, _p0, batch_problem
 from .least_squares import LeastSquaresProblem, _check_data_tree, output_shape
 
 
@@ -65,27 +64,17 @@ def prepare_least_squares_batch(
     leaves = jax.tree_util.tree_leaves(data)
     n_args = len(jax.tree_util.tree_leaves(args_t))
     axes = tuple(0 if i < n_args else None for i in range(len(leaves)))
-    xs = opts.pop("x_scale")
-    vectors = np.empty((n_fits, 4, n), dtype)
-    vectors[:, 0], vectors[:, 1], vectors[:, 2] = x0b, lb, ub
-    vectors[:, 3] = 1.0 if isinstance(xs, str) else xs
-    tols = opts.pop("tols")
-    scalars = np.array([*tols, opts.pop("f_scale"), opts.pop("max_nfev")], dtype)
-    config = engine.Config(
-        method=method,
-        loss=opts.pop("loss"),
-        has_bounds=has_bounds,
-        jac_scale=isinstance(xs, str),
-        emitter=TrialCounter(),
-        fun_jac=False,
-    )
-    return PreparedBatch(
-        batch=BatchProblem(problem, config, vectors, scalars, data, axes),
+    return batch_problem(
+        problem,
+        method,
+        has_bounds,
+        (x0b, lb, ub),
+        opts,
+        data,
+        axes,
         points=np.full(n_fits, m),
         absolute_sigma=False,
         param_names=tuple(f"x[{i}]" for i in range(n)),
-        method=method,
-        verbose=opts.pop("verbose"),
     )
 
 
