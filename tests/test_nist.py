@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -107,18 +108,39 @@ def test_lm_never_ends_above_its_start() -> None:
     assert res.cost <= 0.5 * p.rss(p.starts[0])
 
 
+def _unresolved_radius(problem: nist.NistProblem, popt: np.ndarray) -> float:
+    """How far from the minimum a fit at ftol = 1e-15 may stop: sqrt(2 gap) / sigma_min(J).
+
+    A step is kept or rejected on the cost it gains, so a fit cannot tell apart points whose cost
+    differs by less than ``gap`` = ftol cost plus the rounding of the cost itself: eps m cost for
+    its sum of m squares, and 2 eps ||f|| ||y|| for each residual's own rounding (~eps |y_i|).
+    Within gap of the minimum's cost a fit may stop anywhere (on xtol, once steps are rejected on
+    noise, or on ftol), and ||J dx||^2 / 2 <= gap puts that at most sqrt(2 gap) / sigma_min from
+    the minimum: ~1e-10 of ||x|| for the well-conditioned problems, ~4e-7 for MGH17 and Kirby2,
+    ~6e-6 for ENSO.
+    """
+    f = problem.y - np.asarray(problem.model(problem.x, *popt))
+    cost = 0.5 * float(f @ f)
+    J = np.asarray(jax.jacfwd(lambda p: problem.model(problem.x, *p))(jnp.asarray(popt)))
+    sigma_min = np.linalg.svd(J, compute_uv=False)[-1]
+    eps = np.finfo(float).eps
+    noise = eps * (f.size * cost + 2 * np.linalg.norm(f) * np.linalg.norm(problem.y))
+    gap = nist.TOLERANCES["ftol"] * cost + noise
+    return float(np.sqrt(2 * gap) / sigma_min)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_batch_of_starts_matches_lone_fits(name):
     """A batch of four fits of one problem (Start 1, Start 2 and each perturbed by 1e-3) solves it
     as each lone fit does.
 
-    Where the lone fit resolves the problem to 10 digits or more (LRE >= 10), the batch must give
-    its answer to 1e-8 relative. Elsewhere (ENSO, Kirby2, MGH17, ... at ftol = 1e-15), the point
-    where the loop stops moves with the last bits of the arithmetic, which differ between a batched
-    and a lone run and between CPUs (seen: Kirby2 3e-8 apart on XLA's AVX2 path, 3e-9 on AVX-512):
-    there the batch must be as close to NIST's certified values as the lone fit, to half a digit,
-    or to at least 7 digits (one more than a "solved" fit needs).
+    Each batch fit takes its lone fit's steps, but where the loop stops moves with the last bits
+    of the arithmetic, which differ between a batched and a lone run and between CPUs (seen:
+    Kirby2 3e-8 apart on XLA's AVX2 path and with OpenBLAS' Sandybridge kernels, MGH17 2.5e-8
+    with its SkylakeX kernels, both where the lone fit happened to land within 1e-10 of NIST's
+    values). So: both lie within the region the stopping rule cannot resolve
+    (``_unresolved_radius``) around the same minimum, at most twice its radius apart.
     """
     problem = PROBLEMS[name]
     s1, s2 = problem.starts
@@ -142,10 +164,9 @@ def test_batch_of_starts_matches_lone_fits(name):
                 **nist.TOLERANCES,
             )
         assert res.success[i]
-        lone_lre = nist.lre(popt, problem.certified).min()
-        if lone_lre >= 10:
-            np.testing.assert_allclose(res.popt[i], popt, rtol=1e-8, err_msg=f"{name} fit {i}")
-        else:
-            batch_lre = nist.lre(res.popt[i], problem.certified).min()
-            wanted = min(lone_lre - 0.5, nist.SOLVED_LRE + 1)
-            assert batch_lre >= wanted, f"{name} fit {i}: LRE {batch_lre:.2f} (lone {lone_lre:.2f})"
+        apart = np.linalg.norm(res.popt[i] - popt)
+        radius = _unresolved_radius(problem, popt)
+        assert apart <= 2 * radius, (
+            f"{name} fit {i}: batch {res.popt[i]} and lone {popt} are {apart:.3g} apart, "
+            f"more than twice the unresolved radius {radius:.3g}"
+        )
