@@ -151,6 +151,8 @@ def test_solver_programs_use_the_cpu_compiler_options():
 
 
 def test_an_unknown_compiler_option_falls_back_to_xla_defaults(monkeypatch):
+    """No probe compile: the first program compiled with an option XLA does not know fails, the
+    options are dropped for the process, and the program is compiled again with XLA's defaults."""
     from nlsq_stream.solver import engine
 
     if jax.default_backend() != "cpu":
@@ -159,11 +161,17 @@ def test_an_unknown_compiler_option_falls_back_to_xla_defaults(monkeypatch):
     with pytest.raises(Exception, match="xla_cpu_no_such_option_for_this_test"):
         jax.jit(lambda v: v * 2, compiler_options=bogus).lower(np.zeros(2)).compile()
     monkeypatch.setattr(engine, "_CPU_COMPILER_OPTIONS", bogus)
-    engine.compiler_options.cache_clear()
-    try:
-        assert engine.compiler_options() is None
-    finally:
-        engine.compiler_options.cache_clear()
+    monkeypatch.setattr(engine, "_REJECTED", [])
+    assert engine.compiler_options() == bogus
+
+    def fresh(x, a, b):  # a new function: its program is compiled now, with the bogus option
+        return a * jnp.exp(-b * x)
+
+    x = np.linspace(0.0, 4.0, 40)
+    popt, _ = curve_fit(fresh, x, 2.0 * np.exp(-0.7 * x), p0=[1.0, 1.0])
+    np.testing.assert_allclose(popt, [2.0, 0.7], rtol=1e-8)
+    assert engine.compiler_options() is None
+    assert "xla_cpu_no_such_option_for_this_test" in engine._REJECTED[0]
 
 
 def test_heap_limit_only_where_every_buffer_fits():

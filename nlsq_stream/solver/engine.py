@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from . import losses
+from . import lapack_init, losses
 from .trust_region import (
     cl_scaling,
     make_strictly_feasible,
@@ -166,18 +166,32 @@ def _pack(st: State, m: int) -> Array:
 _CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
-@functools.cache
 def compiler_options() -> dict[str, Any] | None:
-    """The options the solver programs are compiled with: ``_CPU_COMPILER_OPTIONS`` on CPU when
-    this JAX knows them (a tiny program is compiled once to find out), else XLA's defaults."""
-    if jax.default_backend() != "cpu":
-        return None
-    try:
-        probe = jax.jit(lambda v: v + 1, compiler_options=_CPU_COMPILER_OPTIONS)
-        probe.lower(np.zeros(1, np.float32)).compile()
-    except Exception:  # an older or newer XLA without the option: keep its defaults
+    """The options the solver programs are compiled with: ``_CPU_COMPILER_OPTIONS`` on CPU, until
+    XLA says it does not know one of them (``options_rejected``), else XLA's defaults.
+
+    Asking XLA first would cost a compile of its own in every process (20-40 ms here)."""
+    if _REJECTED or not _on_cpu():
         return None
     return dict(_CPU_COMPILER_OPTIONS)
+
+
+_REJECTED: list[str] = []  # XLA's refusal of an option, once it refused one
+
+
+@functools.cache
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def options_rejected(error: BaseException) -> bool:
+    """Whether ``error`` is XLA refusing one of ``_CPU_COMPILER_OPTIONS`` (an older or newer XLA
+    than the one they were measured on). If so, later programs are compiled without them: the
+    caller builds its program again and retries."""
+    if "No such compile option" not in str(error):
+        return False
+    _REJECTED.append(str(error))
+    return True
 
 
 class _Program:
@@ -202,6 +216,7 @@ class _Program:
 
     @staticmethod
     def _options(heap: int) -> dict[str, Any]:
+        lapack_init.preload()  # before the first program that may use LAPACK is lowered
         options = compiler_options()
         if options is None:
             return {}
@@ -228,7 +243,15 @@ class _Program:
                     bound = functools.partial(self._fn, problem, config)
                     jitted = jax.jit(bound, **self._options(config.heap))
                     self._bound[key] = jitted
-        return jitted(*args)
+        try:
+            return jitted(*args)
+        except jax.errors.JaxRuntimeError as e:
+            if not options_rejected(e):
+                raise
+            with self._lock:
+                self._bound.clear()
+                self._jits.clear()
+            return self(problem, config, *args)
 
     def __getattr__(self, name: str) -> Any:  # trace, lower, ...
         return getattr(self.variant(), name)
