@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import warnings
 
 import jax.numpy as jnp
@@ -248,6 +249,88 @@ def test_a_terminal_gets_one_redrawn_progress_line():
     assert start.startswith("Batch batch-") and finished.startswith("Batch finished") and not end
     redrawn = progress.split("\r")[1:]  # one terminal line, redrawn in place
     assert len(redrawn) >= 2 and all(line.startswith("converged ") for line in redrawn)
+
+
+def _our_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("nlsq_stream")]
+
+
+def test_a_watched_batch_with_inline_sinks_starts_no_thread_and_matches_the_sink_loop(tmp_path):
+    """Console, JSON lines and logging run in the caller's thread, between chunks: no thread
+    starts, and the JSON log holds the same events (ids and times aside) as through an async
+    sink, which runs in the shared sink loop."""
+    _, y = spectra(150, seed=14)
+    seen: list[tuple[str, list[str]]] = []
+
+    class Probe:
+        inline = True
+
+        def write_batch(self, events):
+            seen.extend((type(ev).__name__, _our_threads()) for ev in events)
+
+    idle = threading.Event()
+    while _our_threads() and not idle.wait(0.05):  # an earlier test's sink loop winding down
+        pass
+    started = threading.Thread.start
+    calls: list[str] = []
+
+    def start(self, *a, **k):
+        calls.append(self.name)
+        return started(self, *a, **k)
+
+    inline_log, loop_log = tmp_path / "inline.jsonl", tmp_path / "loop.jsonl"
+    threading.Thread.start = start  # type: ignore[method-assign]
+    try:
+        res = ns.curve_fit_batch(
+            gauss, X, y, p0=P0, trials=2, sinks=[Probe(), JsonlSink(inline_log)]
+        )
+    finally:
+        threading.Thread.start = started  # type: ignore[method-assign]
+    assert calls == [] and all(not threads for _, threads in seen)
+    assert seen[0][0] == "BatchStarted" and seen[-1][0] == "BatchFinished"
+    assert "BatchProgress" in {kind for kind, _ in seen}
+
+    got: list = []
+
+    async def collect(event):
+        got.append(event)
+
+    again = ns.curve_fit_batch(gauss, X, y, p0=P0, trials=2, sinks=[collect, JsonlSink(loop_log)])
+    np.testing.assert_array_equal(again.popt, res.popt)
+
+    def kinds(path):
+        return [json.loads(line)["type"] for line in path.read_text().splitlines()]
+
+    assert kinds(inline_log)[0] == "BatchStarted" and kinds(inline_log)[-1] == "BatchFinished"
+    assert kinds(loop_log)[0] == "BatchStarted" and kinds(loop_log)[-1] == "BatchFinished"
+    assert [type(e).__name__ for e in got] == kinds(loop_log)
+
+
+def test_a_failing_inline_sink_of_a_batch_is_detached_and_warned_once():
+    _, y = spectra(80, seed=15)
+
+    class Failing:
+        inline = True
+
+        def __init__(self) -> None:
+            self.calls = self.closed = 0
+
+        def write_batch(self, events):
+            self.calls += 1
+            raise OSError("disk full")
+
+        def close(self):
+            self.closed += 1
+
+    bad, out = Failing(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = ns.curve_fit_batch(gauss, X, y, p0=P0, trials=2, sinks=[bad, ConsoleSink(out)])
+    sink_warnings = [str(w.message) for w in caught if issubclass(w.category, ns.SinkError)]
+    assert len(sink_warnings) == 1
+    assert sink_warnings[0].startswith("sink Failing raised OSError: disk full; it was detached")
+    assert bad.calls == 1 and bad.closed == 1
+    assert res.success.all() and "Batch finished: 80/80 converged" in out.getvalue()
 
 
 @pytest.mark.anyio

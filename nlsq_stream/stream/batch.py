@@ -37,13 +37,16 @@ from ..events import (
 from ..solver import batch as solver_batch
 from ..solver.curve_fit_batch import PreparedBatch
 from .emitter import Channel
-from .hub import HUB, Batch
+from .hub import Batch
 from .pipeline import (
     Display,
     HubChannel,
+    InlineChannel,
     _ctrl_c_stops,
+    _live,
     describe,
     hub_channel,
+    is_inline,
     model_name,
     publish_end,
     with_display,
@@ -93,19 +96,20 @@ class BatchJob:
         )
 
     def run(self, channel: Channel) -> BatchResult:
-        """Run the batch; publish progress when ``channel`` is a hub channel (a watched batch)."""
-        batch_id = getattr(channel, "fit_id", None)
+        """Run the batch; publish progress when ``channel`` is a hub channel (a watched batch):
+        to the hub, or straight to the sinks for an ``InlineChannel``."""
+        watched = channel if isinstance(channel, HubChannel) else None
 
         def on_chunk(p: solver_batch.Progress) -> None:
-            if batch_id is not None:
-                self._progress(batch_id, p)
+            if watched is not None:
+                self._progress(watched, p)
 
         out = solver_batch.run(
             self.prep.batch, self.trials, self.batch_size, channel.stop_requested, on_chunk
         )
         return self.prep.result(out)
 
-    def _progress(self, batch_id: str, p: solver_batch.Progress) -> None:
+    def _progress(self, channel: HubChannel, p: solver_batch.Progress) -> None:
         """Publish where the batch stands, at most once per ``interval``; otherwise keep a copy
         of it for the end (the quantiles are computed only for what is published)."""
         now = time.time()
@@ -113,7 +117,8 @@ class BatchJob:
         if now - self._last_emit >= self.interval and p.n_running:
             self._last_emit = now
             self._last = None
-            HUB.publish(Batch(batch_id, [self._event(batch_id, snapshot, now)]))
+            batch_id = channel.fit_id
+            channel.publish(Batch(batch_id, [self._event(batch_id, snapshot, now)]))
         else:
             self._last = (snapshot, now)  # the last one always goes out, with the end
 
@@ -167,28 +172,42 @@ def _fit_events(batch_id: str, result: BatchResult, now: float) -> list[Event]:
 def run_batch_sync(
     job: BatchJob, sinks: Sequence[Any] = (), display: Display | None = None
 ) -> BatchResult:
-    """The sync face of a batch: silent when not watched, else its events go through the hub to
-    the sinks (which run in the shared sink loop), and the call returns once they drained."""
+    """The sync face of a batch: silent when not watched; else, when every sink can run in the
+    caller's thread (console, JSON lines, logging), an ``InlineChannel`` hands them the events
+    between chunks, with no thread or event loop; else the events go through the hub to the
+    sinks in the shared sink loop. The call returns once the sinks have every event."""
     if not sinks and not job.verbose:
         return job.run(Channel())
     batch_id = new_batch_id()
-    channel: HubChannel = hub_channel(batch_id)
-    runner = SinkRunner(with_display(sinks, job.verbose, display), batch_id)
-    runner.__enter__()
+    watchers = with_display(sinks, job.verbose, display)
+    runners: list[SinkRunner] = []
+    if all(is_inline(s) for s in watchers):
+        channel: HubChannel = _live(InlineChannel(batch_id, watchers))
+    else:
+        channel = hub_channel(batch_id)
+        runners.append(SinkRunner(watchers, batch_id))
+        runners[0].__enter__()
     res: BatchResult | None = None
     error: BaseException | None = None
     try:
-        HUB.publish(Batch(batch_id, [job.started(batch_id)]))
+        channel.publish(Batch(batch_id, [job.started(batch_id)]))
         try:
             with _ctrl_c_stops(channel):
                 res = job.run(channel)
         except BaseException as e:
             error = e
         job.publish_end(batch_id, res, error)
-        runner.wait()
+        for runner in runners:
+            runner.wait()
     finally:
-        runner.__exit__(None, None, None)
-    for failure in runner.errors:
+        if isinstance(channel, InlineChannel):
+            channel.close()  # a no-op after the terminal event
+        for runner in runners:
+            runner.__exit__(None, None, None)
+    errors = [failure for runner in runners for failure in runner.errors]
+    if isinstance(channel, InlineChannel):
+        errors += channel.errors
+    for failure in errors:
         warnings.warn(failure, SinkError, stacklevel=3)
     if error is not None:
         raise error
