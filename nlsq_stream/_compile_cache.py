@@ -42,6 +42,14 @@ def default_cache_dir() -> Path:
     return base / "nlsq_stream" / "jax"
 
 
+_enabled: list[Path] = []  # the folder enable_compile_cache set, if it was called
+
+
+def enabled_folder() -> Path | None:
+    """The folder :func:`enable_compile_cache` set in this process, or None."""
+    return _enabled[-1] if _enabled else None
+
+
 def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> Path:
     """Turn on JAX's persistent compilation cache, writing to ``path``.
 
@@ -61,6 +69,7 @@ def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     compilation_cache.set_cache_dir(str(folder))
     compilation_cache.reset_cache()  # a folder set earlier in the process is forgotten
+    _enabled.append(folder)
     return folder
 
 

@@ -33,7 +33,8 @@ ALLOWED: dict[str, set[str]] = {
     # OptimizeResult), and _result imports nothing of the package, so no circle can form
     "events": {"_result"},
     # the flow
-    "solver": {"_result"},
+    # the solver may read whether the compile cache is on (program_cache keeps its programs)
+    "solver": {"_result", "_compile_cache"},
     "stream": {"solver", "events", "_result", "_control", "_exceptions"},
     "sinks": {"events", "_control"},
     # on top of the flow

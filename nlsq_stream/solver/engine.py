@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from . import lapack_init, losses
+from . import lapack_init, losses, program_cache
 from .trust_region import (
     cl_scaling,
     make_strictly_feasible,
@@ -241,7 +241,17 @@ class _Program:
                     if len(self._bound) >= self.CACHE_SIZE:
                         del self._bound[next(iter(self._bound))]
                     bound = functools.partial(self._fn, problem, config)
-                    jitted = jax.jit(bound, **self._options(config.heap))
+                    options = self._options(config.heap)
+                    jitted = jax.jit(bound, **options)
+                    if program_cache.folder() is not None:  # the compile cache is on
+                        jitted = program_cache.CachedProgram(
+                            self._fn.__name__,
+                            jitted,
+                            problem,
+                            config,
+                            repr(options),
+                            lapack_init.initialize,
+                        )
                     self._bound[key] = jitted
         try:
             return jitted(*args)

@@ -25,6 +25,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+_jaxlib_lapack: Any
+try:
+    from jaxlib.cpu import _lapack  # private: what sets LAPACK up for XLA
+
+    _jaxlib_lapack = _lapack
+except ImportError:  # pragma: no cover - a jaxlib without it
+    _jaxlib_lapack = None
+
 PACKAGE = "scipy.linalg"
 MODULES = ("cython_blas", "cython_lapack")  # the order jaxlib's LAPACK set-up imports them
 
@@ -125,3 +133,12 @@ class _Binding(importlib.abc.Loader):
 
     def __getattr__(self, name: str) -> Any:  # get_filename, is_package, ... for importlib
         return getattr(self.loader, name)
+
+
+def initialize() -> None:
+    """Set up jaxlib's LAPACK kernels now (after :func:`preload`): a program loaded already
+    compiled is never lowered, so nothing else would, and its LAPACK calls would find no
+    functions."""
+    preload()
+    if _jaxlib_lapack is not None:
+        _jaxlib_lapack.initialize()
