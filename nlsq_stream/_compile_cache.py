@@ -8,7 +8,8 @@ before importing ``nlsq_stream``. Both change JAX's process-wide settings (the c
 a minimum compile time of 0 s, so that programs compiling faster than JAX's default of 1 s are
 kept too): every program the process compiles afterwards, ours or not, may be cached.
 
-This module imports nothing of the package.
+The solver reads :func:`enabled_folder` to keep its own programs there too
+(``solver/program_cache.py``). This module imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def enable_compile_cache(path: str | os.PathLike[str] | None = None) -> Path:
 
     Call it before the first fit whose compile you want to keep; programs compiled earlier in
     the process are not written. It sets JAX's ``jax_compilation_cache_dir`` and
-    ``jax_persistent_cache_min_compile_time_secs = 0`` for the whole process.
+    ``jax_persistent_cache_min_compile_time_secs = 0`` for the whole process. The solver's own
+    programs are also kept whole in ``path/nlsq_stream-programs``, under a key for which only
+    the model is traced, so that a new process skips tracing and lowering the solver too (see
+    ``nlsq_stream.solver.program_cache``).
     """
     folder = _checked_folder(path)
     jax.config.update("jax_enable_compilation_cache", True)

@@ -42,6 +42,7 @@ FORMAT = 1  # bump when what a file holds changes
 
 # What this process did with the folder (read by ``bench cold`` and the tests).
 counts = {"loaded": 0, "stored": 0, "not_kept": 0}
+LOADED_EVENT = "/nlsq_stream/program_cache/loaded"  # a jax.monitoring event, per program loaded
 
 _serialize_executable: Any
 try:
@@ -244,6 +245,7 @@ def _load(path: Path, before_load: Callable[[], None]) -> Any:
         before_load()
         program = _serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
         counts["loaded"] += 1
+        jax.monitoring.record_event(LOADED_EVENT)
         return program
     except Exception:  # unreadable or from elsewhere: compile again and replace it
         path.unlink(missing_ok=True)
