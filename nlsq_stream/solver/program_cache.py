@@ -189,15 +189,20 @@ def _signature_text(args: tuple[Any, ...]) -> str:
     return f"{treedef}{leaves}"
 
 
-@functools.cache
 def _environment() -> str:
-    """What every program depends on besides its own inputs (once per process)."""
-    device = jax.devices()[0]
+    """What every program depends on besides its own inputs: the process's fixed facts, and
+    JAX's configuration as it is now (it can change during the process)."""
     config = sorted(
         (k, repr(v))
         for k, v in jax.config.values.items()
         if isinstance(v, (bool, int, float, str, type(None))) and "cache" not in k
     )
+    return _fixed_environment() + "\n" + repr(config)
+
+
+@functools.cache
+def _fixed_environment() -> str:
+    device = jax.devices()[0]
     parts = [
         _package_source_hash(),
         jax.__version__,
@@ -209,7 +214,6 @@ def _environment() -> str:
         _cpu_flags(),
         os.environ.get("XLA_FLAGS", ""),
         sys.version,
-        repr(config),
     ]
     return "\n".join(parts)
 
