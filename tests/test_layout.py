@@ -39,7 +39,8 @@ ALLOWED: dict[str, set[str]] = {
     # on top of the flow
     "faces": {"solver", "stream", "sinks", "_result", "_exceptions"},
     # fits in blocks with Dask (the dask extra): beside faces, each block one curve_fit_batch
-    "dask": {"faces", "solver", "stream", "sinks", "events", "_result", "_exceptions"},
+    # (and _control: a job registers its id, so stop_fit(batch_id) stops it on every worker)
+    "dask": {"faces", "solver", "stream", "sinks", "events", "_result", "_control", "_exceptions"},
     "async_logger": {"stream", "events", "_result"},
     "replay": {"events"},
     "notebook": {"sinks"},
@@ -131,7 +132,14 @@ SURFACE = {
     ],
     "nlsq_stream.replay": ["ReplayWarning", "iter_events", "replay"],
     "nlsq_stream.notebook": ["FitWidget", "MAX_POINTS", "in_notebook"],
-    "nlsq_stream.dask": ["BlockFit", "BlockFitError", "curvefit", "fit_blocks"],
+    "nlsq_stream.dask": [
+        "BlockFit",
+        "BlockFitError",
+        "BlockJob",
+        "curvefit",
+        "fit_blocks",
+        "submit_blocks",
+    ],
 }
 
 
