@@ -93,6 +93,12 @@ _LOCK = threading.Lock()
 _RUNNING: dict[str, list[threading.Event]] = {}
 _STOPPED: set[str] = set()
 
+# One block's fits at a time in a process: two threads running the solver's programs at once
+# deadlock in XLA:CPU here (jax 0.10.2: both wait forever in their first fetch, even for 400
+# fits, warm or not), and one program already uses every core. Blocks of a process (the threads
+# of the in-process pool, or a worker's threads) overlap only their loading and packing.
+_EXCLUSIVE = threading.Lock()
+
 
 def _stop_here(job: str) -> int:
     """Stop every block of ``job`` running in this process (``Client.run`` calls it on each
@@ -229,7 +235,7 @@ def _fit_block(
     rep.send("start")
     t0 = time.time()
     try:
-        with jax.enable_x64(x64), _stoppable(job) as flag:
+        with jax.enable_x64(x64), _stoppable(job) as flag, _EXCLUSIVE:
             res = _run_block(f, np.reshape(block, (n, m)), args, options, flag, rep.on_chunk)
     except Exception as e:
         raise BlockFitError(

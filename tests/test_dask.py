@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nlsq_stream import BatchFinished, BatchProgress, BatchStarted, curve_fit_batch
+from nlsq_stream import BatchFinished, BatchProgress, BatchStarted, FitFailed, curve_fit_batch
 from nlsq_stream.events import event_from_json
 from nlsq_stream.sinks import JsonlSink
 
@@ -222,3 +222,120 @@ def test_a_killed_worker_s_blocks_run_elsewhere(cluster, tmp_path):
     np.testing.assert_allclose(popt, ref.popt, rtol=1e-12, atol=1e-14)
     np.testing.assert_array_equal(status, ref.status)
     check_log(read_log(log), 24, 6, int(ref.success.sum()))
+
+
+# --- per-fit arguments, split with the blocks ---------------------------------------------------
+
+
+def per_fit_arguments(shape: tuple[int, ...]):
+    """Per-fit x (shifted grids), p0, sigma and a mask with a few points left out of each fit."""
+    rng = np.random.default_rng(3)
+    x = X + rng.uniform(0.0, 0.2, (*shape, 1))
+    a, b = rng.uniform(1.0, 3.0, (*shape, 1)), rng.uniform(0.3, 1.2, (*shape, 1))
+    y = a * np.exp(-b * x) + 0.1 + 0.01 * rng.standard_normal((*shape, 30))
+    p0 = np.stack([a[..., 0] * 0.8, b[..., 0] * 1.2, np.zeros(shape)], axis=-1)
+    sigma = rng.uniform(0.5, 2.0, (*shape, 30))
+    mask = rng.uniform(size=(*shape, 30)) > 0.1
+    return x, y, p0, sigma, mask
+
+
+def test_per_fit_arguments_are_split_with_the_blocks():
+    x, y, p0, sigma, mask = per_fit_arguments((4, 6))
+    flat = lambda a: a.reshape(24, a.shape[-1])
+    ref = curve_fit_batch(decay, flat(x), flat(y), flat(p0), sigma=flat(sigma), mask=flat(mask))
+    res = nd.fit_blocks(
+        decay,
+        x,  # numpy, per fit
+        da.from_array(y, chunks=(2, 3, 30)),
+        da.from_array(p0, chunks=(1, 6, 3)),  # dask, chunked otherwise: rechunked like Y
+        sigma=sigma,
+        mask=da.from_array(mask, chunks=(4, 2, 30)),
+    )
+    assert res.popt.shape == (4, 6, 3) and res.popt.chunks[:2] == ((2, 2), (3, 3))
+    np.testing.assert_array_equal(flat(res.popt.compute(scheduler="sync")), ref.popt)
+    np.testing.assert_array_equal(flat(res.perr.compute(scheduler="sync")), ref.perr)
+    np.testing.assert_array_equal(res.status.compute(scheduler="sync").ravel(), ref.status)
+    # shared (m,) sigma and mask stay broadcast; a (p,) p0 is shared
+    shared_mask = mask[0, 0]
+    ref = curve_fit_batch(
+        decay, X, flat(y), P0, sigma=sigma[0, 0], mask=np.broadcast_to(shared_mask, (24, 30))
+    )
+    res = nd.fit_blocks(
+        decay, X, da.from_array(y, chunks=(3, 2, 30)), P0, sigma=sigma[0, 0], mask=shared_mask
+    )
+    np.testing.assert_array_equal(flat(res.popt.compute(scheduler="sync")), ref.popt)
+    np.testing.assert_array_equal(res.status.compute(scheduler="sync").ravel(), ref.status)
+
+
+def test_per_fit_arguments_of_the_wrong_shape_raise_early_naming_them():
+    x, y, p0, sigma, mask = per_fit_arguments((4, 6))
+    Y = da.from_array(y, chunks=(2, 3, 30))
+    cases = [
+        (dict(p0=p0[:3]), ValueError, r"`p0` must have shape \(p,\) .* \(4, 6, 'p'\).*\(3, 6, 3\)"),
+        (dict(p0=P0, sigma=sigma[..., :29]), ValueError, r"`sigma` must have shape \(30,\)"),
+        (dict(p0=P0, mask=mask.astype(float)), TypeError, r"`mask` must be a boolean array"),
+        (dict(p0=P0, mask=mask[0]), ValueError, r"`mask` must have shape \(30,\)"),
+        (dict(p0=P0, bounds=(np.zeros((24, 3)), 5.0)), ValueError, r"`bounds` per fit"),
+        (dict(p0=P0, method="nope"), ValueError, r"method"),
+        (dict(p0=P0, trials=0), ValueError, r"`trials` must be a positive integer"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            nd.fit_blocks(decay, X, Y, **kwargs)
+    with pytest.raises(ValueError, match=r"`x` must have shape \(30,\)"):
+        nd.fit_blocks(decay, x[:, :2], Y, P0)
+
+
+# --- stop and cancel in this process ------------------------------------------------------------
+
+
+def long_job(n: int, per_block: int, seed: int = 0):
+    """Clean decay data made by dask itself (on the workers, on a cluster): ``n`` fits in blocks
+    of ``per_block``; with ``trials=1`` a block of many fits runs for seconds."""
+    rs = da.random.RandomState(seed)
+    a = rs.uniform(1.0, 3.0, (n, 1), chunks=(per_block, 1))
+    b = rs.uniform(0.3, 1.2, (n, 1), chunks=(per_block, 1))
+    return a * da.exp(-b * X) + 0.1
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def converged_so_far(events: list) -> int:
+    progress = [e for e in list(events) if isinstance(e, BatchProgress)]
+    return progress[-1].n_converged if progress else 0
+
+
+@pytest.mark.timeout(300)
+def test_stop_and_cancel_in_process():
+    from concurrent.futures import CancelledError
+
+    from nlsq_stream import stop_fit
+
+    events: list = []
+    kw = dict(trials=1, batch_size=500, sinks=[events.append])
+    job = nd.submit_blocks(decay, X, long_job(40_000, 20_000), P0, **kw)
+    wait_for(lambda: converged_so_far(events) >= 500, 120, "a block's first 500 fits")
+    assert stop_fit(job.batch_id)  # what a widget's Stop button calls
+    res = job.result()
+    status = res.status.compute(scheduler="sync")
+    assert (status == -2).sum() > 20_000, "the blocks were not stopped"
+    assert ((status == -2) | (status > 0)).all()
+    assert nd._running_here(job.batch_id) == 0 and job.batch_id not in nd._STOPPED
+    assert isinstance(events[-1], BatchFinished) and events[-1].counts["-2"] > 20_000
+
+    events.clear()
+    job = nd.submit_blocks(decay, X, long_job(40_000, 20_000), P0, **kw)
+    wait_for(lambda: converged_so_far(events) >= 500, 120, "a block's first 500 fits")
+    t0 = time.monotonic()
+    job.cancel()
+    took = time.monotonic() - t0
+    assert job.done() and nd._running_here(job.batch_id) == 0
+    assert took < 1.0, f"cancel took {took:.2f} s"
+    with pytest.raises(CancelledError, match="cancelled"):
+        job.result()
+    assert isinstance(events[-1], FitFailed) and events[-1].error_type == "CancelledError"
