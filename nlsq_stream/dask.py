@@ -565,7 +565,10 @@ class BlockJob:
         self._cancelled = True
         self.stop()
         if self._client is not None:
-            self._client.cancel([self._status, self._packed])
+            # the statuses first: they depend on the blocks, and the scheduler asserts that a
+            # cancelled key's dependents are wanted by a client
+            self._client.cancel(self._status)
+            self._client.cancel(self._packed)
         with contextlib.suppress(CancelledError):
             self.result()
 

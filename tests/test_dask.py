@@ -58,6 +58,7 @@ def check_log(events: list, n_fits: int, n_blocks: int, converged: int) -> None:
     assert last.blocks["done"] == last.blocks["total"] == n_blocks
     assert last.n_converged == converged == events[-1].n_converged  # each block counted once
     assert all(e.n_converged + e.n_failed + e.n_running == n_fits for e in progress)
+    assert all(e.n_running >= 0 and e.n_converged <= n_fits for e in progress)
 
 
 def test_blocks_in_process_equal_one_batch_and_report_per_block(tmp_path):
@@ -186,6 +187,13 @@ def test_cluster_equals_in_process_and_reports_errors(cluster, tmp_path):
     check_log(read_log(log), 16, 4, int(ref.success.sum()))
     with pytest.raises(nd.BlockFitError, match=r"block \d \(4 fits\) failed: .*sensor offline"):
         nd.fit_blocks(broken, X, da.from_array(y, chunks=(4, 30)), P0, client)
+    x, y, p0, sigma, mask = per_fit_arguments((16,))
+    ref = curve_fit_batch(decay, x, y, p0, sigma=sigma, mask=mask)
+    res = nd.fit_blocks(
+        decay, x, da.from_array(y, chunks=(4, 30)), p0, client, sigma=sigma, mask=mask
+    )
+    np.testing.assert_array_equal(res.popt.compute(), ref.popt)
+    np.testing.assert_array_equal(res.status.compute(), ref.status)
 
 
 @pytest.mark.timeout(300)
@@ -339,3 +347,82 @@ def test_stop_and_cancel_in_process():
     with pytest.raises(CancelledError, match="cancelled"):
         job.result()
     assert isinstance(events[-1], FitFailed) and events[-1].error_type == "CancelledError"
+
+
+@pytest.mark.timeout(300)
+def test_progress_from_inside_the_blocks_reaches_the_client(cluster, tmp_path):
+    _, client = cluster
+    log = tmp_path / "live.jsonl"
+    Y = long_job(16_000, 8_000, seed=1)
+    res = nd.fit_blocks(decay, X, Y, P0, client, trials=1, batch_size=500, sinks=[JsonlSink(log)])
+    status = res.status.compute()
+    events = read_log(log)
+    check_log(events, 16_000, 2, int((status > 0).sum()))
+    progress = [e for e in events if isinstance(e, BatchProgress)]
+    # fits counted as converged before any block ended: only the blocks' own reports say so
+    early = [e for e in progress if e.blocks["done"] == 0 and e.n_converged > 0]
+    assert early, [(e.blocks, e.n_converged) for e in progress]
+    converged = [e.n_converged for e in progress]
+    assert converged == sorted(converged)  # no fault: each block's count only grows
+    # batched: a few messages a block (start, one per 0.5 s at most, end), never one per fit
+    msgs = [m for _, m in client.get_events(events[0].batch_id)]
+    kinds = [m["kind"] for m in msgs]
+    assert kinds.count("start") == kinds.count("done") == 2 and kinds.count("progress") >= 1
+    seconds = sum(m["seconds"] for m in msgs if m["kind"] == "done")
+    assert kinds.count("progress") <= seconds / nd.BLOCK_PROGRESS_S + 2
+
+
+def block_reports(client, job, kind: str) -> dict[int, dict]:
+    return {m["block"]: m for _, m in client.get_events(job.batch_id) if m["kind"] == kind}
+
+
+@pytest.mark.timeout(300)
+def test_cancel_stops_the_workers_fits_within_a_second(cluster):
+    from concurrent.futures import CancelledError
+
+    _, client = cluster
+
+    def threads_in_the_package() -> list[str]:  # run on each worker: threads still in our code
+        import sys
+        import traceback
+
+        names = {t.ident: t.name for t in threading.enumerate()}
+        return [
+            names.get(tid, str(tid))
+            for tid, frame in sys._current_frames().items()
+            if any("nlsq_stream" in f.filename for f in traceback.extract_stack(frame))
+        ]
+
+    events: list = []
+    job = nd.submit_blocks(
+        decay,
+        X,
+        long_job(400_000, 200_000),
+        P0,
+        client,
+        trials=1,
+        batch_size=500,
+        sinks=[events.append],
+    )
+
+    def both_blocks_past_their_first_piece() -> bool:
+        live = block_reports(client, job, "progress")
+        return len(live) == 2 and all(m["n_converged"] >= 500 for m in live.values())
+
+    wait_for(both_blocks_past_their_first_piece, 120, "both blocks to report progress")
+    assert sum(client.run(nd._running_here, job.batch_id).values()) == 2
+    t0 = time.time()
+    job.cancel()
+    cancel_s = time.time() - t0
+    wait_for(lambda: len(block_reports(client, job, "done")) == 2, 10, "the blocks to end")
+    done = block_reports(client, job, "done")
+    stopped_s = max(m["ended"] for m in done.values()) - t0
+    print(f"cancel() returned after {cancel_s:.3f} s; the blocks ended {stopped_s:.3f} s after it")
+    assert stopped_s < 1.0 and cancel_s < 1.0
+    assert all(0 < m["n_stopped"] < m["n_fits"] for m in done.values())  # stopped mid-block
+    with pytest.raises(CancelledError):
+        job.result()
+    assert isinstance(events[-1], FitFailed)
+    assert sum(client.run(nd._running_here, job.batch_id).values()) == 0
+    wait_for(lambda: not any(client.processing().values()), 10, "the scheduler to hold no task")
+    assert not any(client.run(threads_in_the_package).values())
