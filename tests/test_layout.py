@@ -45,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     "replay": {"events"},
     "notebook": {"sinks"},
     "benchmarks": {
+        "dask",
         "faces",
         "solver",
         "stream",
@@ -59,7 +60,11 @@ ALLOWED: dict[str, set[str]] = {
 
 # Imports inside a function are allowed only where the target needs an optional extra, so that
 # importing the package does not import it: (importing module, imported module).
-LAZY_FOR_AN_EXTRA = {("nlsq_stream.sinks.display", "nlsq_stream.sinks.widget")}
+LAZY_FOR_AN_EXTRA = {
+    ("nlsq_stream.sinks.display", "nlsq_stream.sinks.widget"),
+    # bench dask needs the dask extra: imported only when asked for
+    ("nlsq_stream.benchmarks", "nlsq_stream.benchmarks.dask"),
+}
 
 MAX_FUNCTION_LINES = 80
 
