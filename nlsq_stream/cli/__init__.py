@@ -112,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N[,N...]",
         help="problem sizes: points per fit for solver and emit (default: 1e3,1e5,1e6); "
-        "number of fits for batch (default: 1e2,1e3,1e4,1e5; --quick: 1e2,1e3) and for dask "
-        "(the first size; default: 2e5; --quick: 2e4)",
+        "fits for batch (default: 1e2,1e3,1e4,1e5; --quick: 1e2,1e3), dask (2e5; --quick: 2e4)",
     )
     for name, text in (
         ("replay", "print scipy's verbose=2 table again from a JSONL event log"),
