@@ -30,12 +30,14 @@ set; the batched solver sees it between two chunks (about 0.1 s apart) and ends 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -56,6 +58,7 @@ from .stream.pipeline import check_sinks, describe, publish_end, with_display
 from .stream.runner import SinkRunner
 
 try:
+    import cloudpickle
     import dask.array as da
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError("nlsq_stream.dask needs Dask: pip install 'nlsq_stream[dask]'") from e
@@ -98,6 +101,32 @@ _STOPPED: set[str] = set()
 # fits, warm or not), and one program already uses every core. Blocks of a process (the threads
 # of the in-process pool, or a worker's threads) overlap only their loading and packing.
 _EXCLUSIVE = threading.Lock()
+
+# The models met in this process, by a digest of their pickle. Each task brings its own copy of
+# the model (unpickled anew), and the solver compiles once per model object: without this, every
+# block on a worker compiled again (measured: about 1 s a block, ``bench dask``).
+_MODELS: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+MODELS_KEPT = 32
+
+
+def _same_model(key: str | None, f: Callable[..., Any]) -> Callable[..., Any]:
+    """The first model object this process met under ``key`` (``f`` itself the first time)."""
+    if key is None:
+        return f
+    with _LOCK:
+        kept = _MODELS.setdefault(key, f)
+        _MODELS.move_to_end(key)
+        while len(_MODELS) > MODELS_KEPT:
+            _MODELS.popitem(last=False)
+    return kept
+
+
+def _model_key(f: Callable[..., Any]) -> str | None:
+    """A digest of ``f``'s pickle (as dask ships it), or None where it does not pickle."""
+    try:
+        return hashlib.sha256(cloudpickle.dumps(f)).hexdigest()
+    except Exception:  # not picklable: it can only run here, where it is one object anyway
+        return None
 
 
 def _stop_here(job: str) -> int:
@@ -214,6 +243,7 @@ def _fit_block(
     *per_fit: np.ndarray,
     names: tuple[str, ...],
     f: Callable[..., Any],
+    model_key: str | None,
     shared: dict[str, Any],
     options: dict[str, Any],
     job: str,
@@ -224,6 +254,7 @@ def _fit_block(
     """One block: its leading axes flattened to N fits (with the per-fit arguments' blocks), one
     batched run, the answers packed as (..., p + p + p*p + 1): popt, perr, pcov, status."""
     bid = _block_id(block_info) if block_info else 0
+    f = _same_model(model_key, f)
     lead, m = block.shape[:-1], block.shape[-1]
     n = int(np.prod(lead))
     args = dict(shared)
@@ -665,6 +696,7 @@ def submit_blocks(
         *per_fit.values(),
         names=tuple(per_fit),
         f=f,
+        model_key=_model_key(f),
         shared={k: v for k, v in shared.items() if k not in per_fit},
         options=options,
         job=job,

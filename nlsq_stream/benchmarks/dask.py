@@ -100,10 +100,10 @@ def bench_dask(opts: BenchOptions) -> None:
         lc.close()
     mb = y.nbytes / 2**20
     rate = f"{n / local_t:,.0f} fits/s"
-    _say(opts, f"   in-process: {local_t:.2f} s warm ({rate}), first {first_local:.2f} s")
+    _say(opts, f"   in-process: {local_t:.4f} s warm ({rate}), first {first_local:.2f} s")
     _say(
         opts,
-        f"   cluster: {cluster_t:.2f} s warm ({n / cluster_t:,.0f} fits/s), first "
+        f"   cluster: {cluster_t:.4f} s warm ({n / cluster_t:,.0f} fits/s), first "
         f"{first_cluster:.2f} s, {ok:.1%} success",
     )
     _say(opts, f"   ratio cluster / in-process: {cluster_t / local_t:.2f}")
