@@ -62,7 +62,7 @@ def test_bench_dask_runs_small(_distributed_process_threads) -> None:
     assert value["local"] > 0 and value["cluster"] > 0
     assert value["ratio"] == pytest.approx(value["cluster"] / value["local"], rel=0.02, abs=0.01)
     assert float(found["cluster"].group(4)) > 90.0  # the Gaussian fits succeed on the cluster
-    assert float(found["transfer"].group(2)) == pytest.approx(2_000 * 100 * 8 / 2**20, rel=0.01)
+    assert float(found["transfer"].group(2)) == pytest.approx(2_000 * 100 * 8 / 2**20, abs=0.05)
     deadline = time.monotonic() + 10.0
     while {p.pid for p in psutil.Process().children(recursive=True)} - before:
         assert time.monotonic() < deadline, "worker processes left behind"
