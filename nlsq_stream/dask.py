@@ -557,13 +557,18 @@ class BlockJob:
         _control.register(job, self._stop_flag)
         if watch is not None:
             watch.begin(client)
-        if client is not None:
-            self._packed = client.persist(packed)
-            self._status = client.compute(self._packed[..., -1])
-        else:
-            self._packed = packed
-            self._thread = threading.Thread(target=self._run_here, name=f"nlsq-dask-{job}")
-            self._thread.start()
+        try:
+            if client is not None:
+                self._packed = client.persist(packed)
+                self._status = client.compute(self._packed[..., -1])
+            else:
+                self._packed = packed
+                self._thread = threading.Thread(target=self._run_here, name=f"nlsq-dask-{job}")
+                self._thread.start()
+        except BaseException as e:  # nothing started: end the watch, naming the error
+            self._error = e
+            self._close(None)
+            raise
 
     def _run_here(self) -> None:
         n_threads = max(1, min(self._packed.npartitions, os.cpu_count() or 1))
