@@ -427,3 +427,42 @@ def test_cancel_stops_the_workers_fits_within_a_second(cluster):
     wait_for(lambda: not any(client.processing().values()), 10, "the scheduler to hold no task")
     # a stopped block still packs its answers after its report: give it a moment
     wait_for(lambda: not any(client.run(threads_in_the_package).values()), 5, "idle workers")
+
+
+def test_the_tally_counts_a_retried_block_once():
+    """The client's fold of the blocks' reports: a block's running counts come from its latest
+    attempt only (a dead attempt's late reports are ignored), and a block ends once."""
+    tally = nd._Tally("b", n_blocks=2, n_fits=20)
+    q = [0.0] * 5
+
+    def msg(block, attempt, kind, **counts):
+        return {"block": block, "attempt": attempt, "kind": kind, "n_fits": 10, **counts}
+
+    def progress(block, attempt, converged, failed=0):
+        return msg(block, attempt, "progress", n_converged=converged, n_failed=failed, nfev=1,
+                   quantiles=q)  # fmt: skip
+
+    def done(block, attempt, converged):
+        return msg(block, attempt, "done", n_converged=converged, nfev=1, quantiles=q)
+
+    for m in (
+        msg(0, "a1", "start"),
+        progress(0, "a1", 6, 1),
+        msg(1, "c1", "start"),
+        progress(1, "c1", 3),
+        msg(0, "a2", "start"),  # block 0 again: its worker died
+        progress(0, "a1", 8),  # late, from the dead attempt
+        progress(0, "a2", 2),
+    ):
+        tally._fold(m)
+    p = tally.progress(time.time())
+    assert (p.n_converged, p.n_failed, p.n_running) == (5, 0, 15)
+    assert p.blocks == {"total": 2, "done": 0, "running": 2, "retried": 1}
+    for m in (done(0, "a2", 9), done(0, "a1", 10), progress(0, "a2", 9)):  # late copies
+        tally._fold(m)
+    p = tally.progress(time.time())
+    assert (p.n_converged, p.n_failed, p.n_running) == (12, 1, 7)
+    assert p.blocks == {"total": 2, "done": 1, "running": 1, "retried": 1}
+    tally._fold(done(1, "c1", 10))
+    p = tally.progress(time.time())
+    assert (p.n_converged, p.n_failed, p.n_running) == (19, 1, 0) and tally.all_done.is_set()
