@@ -735,7 +735,8 @@ def fit_blocks(
     fit; ``sigma`` and ``mask`` (m,) shared or ``Y``'s shape. Per-fit values (numpy or dask
     arrays) are split into the blocks of ``Y``. Other keyword arguments are
     ``curve_fit_batch``'s and are passed to every block (``bounds`` shared only). Without
-    ``client`` the blocks run in this process (a thread per core at most); with a
+    ``client`` the blocks run in this process (a thread per core at most, loading and packing
+    blocks side by side; one block's fits at a time in a process, as on a worker); with a
     ``distributed.Client`` on its cluster, where the results stay (persisted). ``sinks`` and
     ``verbose`` watch the whole job as one batch. :func:`submit_blocks` is the same job with a
     handle that can stop or cancel it.
