@@ -40,11 +40,13 @@ ALLOWED: dict[str, set[str]] = {
     # on top of the flow
     "faces": {"solver", "stream", "sinks", "_result", "_exceptions"},
     # fits in blocks with Dask (the dask extra): beside faces, each block one curve_fit_batch
-    "dask": {"faces", "solver", "stream", "sinks", "events", "_result", "_exceptions"},
+    # (and _control: a job registers its id, so stop_fit(batch_id) stops it on every worker)
+    "dask": {"faces", "solver", "stream", "sinks", "events", "_result", "_control", "_exceptions"},
     "async_logger": {"stream", "events", "_result"},
     "replay": {"events"},
     "notebook": {"sinks"},
     "benchmarks": {
+        "dask",
         "faces",
         "solver",
         "stream",
@@ -59,7 +61,11 @@ ALLOWED: dict[str, set[str]] = {
 
 # Imports inside a function are allowed only where the target needs an optional extra, so that
 # importing the package does not import it: (importing module, imported module).
-LAZY_FOR_AN_EXTRA = {("nlsq_stream.sinks.display", "nlsq_stream.sinks.widget")}
+LAZY_FOR_AN_EXTRA = {
+    ("nlsq_stream.sinks.display", "nlsq_stream.sinks.widget"),
+    # bench dask needs the dask extra: imported only when asked for
+    ("nlsq_stream.benchmarks", "nlsq_stream.benchmarks.dask"),
+}
 
 MAX_FUNCTION_LINES = 80
 
@@ -132,7 +138,14 @@ SURFACE = {
     ],
     "nlsq_stream.replay": ["ReplayWarning", "iter_events", "replay"],
     "nlsq_stream.notebook": ["FitWidget", "MAX_POINTS", "in_notebook"],
-    "nlsq_stream.dask": ["BlockFit", "BlockFitError", "curvefit", "fit_blocks"],
+    "nlsq_stream.dask": [
+        "BlockFit",
+        "BlockFitError",
+        "BlockJob",
+        "curvefit",
+        "fit_blocks",
+        "submit_blocks",
+    ],
 }
 
 

@@ -13,6 +13,8 @@ a warm-up, and the figures are medians, so that a noisy machine slows both sides
 * ``cold``: the first fit of a fresh process, without and with the persistent compile cache
   (fresh subprocesses).
 * ``stop``: how long ``stream.stop()`` takes to end a running fit.
+* ``dask``: the Gaussian batch in this process against ``fit_blocks`` on a 2-worker
+  ``LocalCluster``, and the cost of a block (needs the dask extra; not part of ``all``).
 
 Latency and stop use a fit that runs as long as asked: ``y = x a^4`` fitted to zeros. Its Jacobian
 vanishes at the solution, so Gauss-Newton converges only linearly (``a`` shrinks by a quarter per
@@ -63,6 +65,10 @@ def run_bench(which: str, opts: BenchOptions) -> int:
         bench_stop(opts)
     if which in ("slow", "all"):
         bench_slow_consumer(opts)
+    if which == "dask":  # not in "all": it needs the dask extra and starts worker processes
+        from .dask import bench_dask
+
+        bench_dask(opts)
     load = f" (load average {os.getloadavg()[0]:.2f})" if hasattr(os, "getloadavg") else ""
     _say(opts, f"done in {time.perf_counter() - t0:.1f} s{load}")
     return 0

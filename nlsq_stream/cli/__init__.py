@@ -20,7 +20,7 @@ from ..replay import iter_events
 from ..sinks import ConsoleSink
 from .demo import run_demo
 
-BENCHES = ("solver", "emit", "batch", "cold", "stop", "slow", "all")
+BENCHES = ("solver", "emit", "batch", "cold", "stop", "slow", "dask", "all")
 
 
 def _positive_int(text: str) -> int:
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N[,N...]",
         help="problem sizes: points per fit for solver and emit (default: 1e3,1e5,1e6); "
-        "number of fits for batch (default: 1e2,1e3,1e4,1e5; --quick: 1e2,1e3)",
+        "fits for batch (default: 1e2,1e3,1e4,1e5; --quick: 1e2,1e3), dask (2e5; --quick: 2e4)",
     )
     for name, text in (
         ("replay", "print scipy's verbose=2 table again from a JSONL event log"),
