@@ -196,6 +196,27 @@ def test_pieces_and_compaction_give_the_same_answers_with_bounded_programs():
     assert set(pieces.buckets) <= ladder | {64, 300 - 4 * 64}
 
 
+def test_batches_in_two_threads_at_once_both_finish_with_their_answers():
+    """Two threads' batches at once (XLA:CPU hangs if their programs run together: the solver
+    runs one batch chunk at a time per process)."""
+    _, y = spectra(400, seed=16)
+    alone = ns.curve_fit_batch(gauss, X, y, p0=P0, trials=4)
+    results: dict[int, ns.BatchResult] = {}
+
+    def run(i: int) -> None:
+        results[i] = ns.curve_fit_batch(gauss, X, y, p0=P0, trials=4)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "the two batches hung"
+    for i in range(2):
+        np.testing.assert_array_equal(results[i].popt, alone.popt)
+        np.testing.assert_array_equal(results[i].status, alone.status)
+
+
 def test_float32_batch():
     _, y = spectra(8, seed=8)
     p0 = np.asarray(P0, np.float32)  # a list of Python floats would ask for float64

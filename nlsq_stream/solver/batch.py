@@ -114,6 +114,12 @@ def _resume(
 
 _STATIC = ("problem", "config", "treedef", "axes")
 
+# One batch chunk runs at a time in a process. Two threads running batch programs at once hang
+# in XLA:CPU (jax 0.10.2: both wait forever for their first chunk, 400 fits, warm or not; a
+# lone fit beside a batch does not), and one chunk already uses the cores it can. A chunk lasts
+# about TARGET_INTERVAL, so another thread's batch (or its stop) waits about that long.
+_ONE_AT_A_TIME = threading.Lock()
+
 
 @functools.cache
 def programs() -> tuple[Any, Any]:
@@ -252,12 +258,13 @@ def _run_piece(
     k = trials
     started = time.perf_counter()
     start_program, resume_program = programs()
-    flat, packed = start_program(
-        vectors=vectors, scalars=batch.scalars, leaves=local, k=np.int32(k), **statics
-    )
+    with _ONE_AT_A_TIME:
+        flat, packed = start_program(
+            vectors=vectors, scalars=batch.scalars, leaves=local, k=np.int32(k), **statics
+        )
+        rows = engine.fetch(packed)
     first = True
     while True:
-        rows = engine.fetch(packed)
         chunk_s = time.perf_counter() - started
         out.chunks += 1
         out.buckets += (lanes.size,)
@@ -284,14 +291,16 @@ def _run_piece(
             live = ~_is_padding(keep)
             lane_vectors, lane_leaves = _take(vectors, lanes), _gather(local, axes, lanes)
         started = time.perf_counter()
-        flat, packed = resume_program(
-            vectors=lane_vectors,
-            scalars=batch.scalars,
-            leaves=lane_leaves,
-            carry=flat,
-            k=np.int32(k),
-            **statics,
-        )
+        with _ONE_AT_A_TIME:
+            flat, packed = resume_program(
+                vectors=lane_vectors,
+                scalars=batch.scalars,
+                leaves=lane_leaves,
+                carry=flat,
+                k=np.int32(k),
+                **statics,
+            )
+            rows = engine.fetch(packed)
 
 
 def _next_trials(chunk_s: float, k: int, most: int) -> int:
