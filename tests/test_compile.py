@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import count_compiles
 
-from nlsq_stream import curve_fit, least_squares
+from nlsq_stream import curve_fit, curve_fit_batch, least_squares
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 M = 33  # points; unique to this module so the first fit of each configuration really compiles
@@ -218,3 +218,26 @@ def test_program_cache_keeps_at_most_cache_size_problems(monkeypatch):
     with count_compiles() as compiles:
         curve_fit(models[0], x, y, p0=p0)  # it was dropped: compiled anew
     assert compiles
+
+
+def test_a_batch_falls_back_too_when_xla_refuses_an_option(monkeypatch):
+    from nlsq_stream.solver import batch as solver_batch
+    from nlsq_stream.solver import engine
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the compiler options are CPU-only")
+    monkeypatch.setattr(engine, "_CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option_b": True})
+    monkeypatch.setattr(engine, "_REJECTED", [])
+    solver_batch.programs.cache_clear()
+    try:
+
+        def fresh(x, a, b):  # a new function: its batch programs compile now
+            return a * jnp.exp(-b * x)
+
+        x = np.linspace(0.0, 4.0, 40)
+        y = np.stack([2.0 * np.exp(-0.7 * x), 1.5 * np.exp(-0.3 * x)])
+        res = curve_fit_batch(fresh, x, y, p0=[1.0, 1.0])
+        np.testing.assert_allclose(res.popt, [[2.0, 0.7], [1.5, 0.3]], rtol=1e-8)
+        assert engine.compiler_options() is None
+    finally:
+        solver_batch.programs.cache_clear()  # the next batch compiles with the options again

@@ -257,12 +257,8 @@ def _run_piece(
     lane_vectors, lane_leaves = vectors, local
     k = trials
     started = time.perf_counter()
-    start_program, resume_program = programs()
-    with _ONE_AT_A_TIME:
-        flat, packed = start_program(
-            vectors=vectors, scalars=batch.scalars, leaves=local, k=np.int32(k), **statics
-        )
-        rows = engine.fetch(packed)
+    flat, rows = _first_chunk(vectors, batch.scalars, local, k, statics)
+    resume_program = programs()[1]
     first = True
     while True:
         chunk_s = time.perf_counter() - started
@@ -301,6 +297,27 @@ def _run_piece(
                 **statics,
             )
             rows = engine.fetch(packed)
+
+
+def _first_chunk(
+    vectors: Any, scalars: np.ndarray, leaves: list[Any], k: int, statics: dict[str, Any]
+) -> tuple[Any, np.ndarray]:
+    """The first chunk of a piece: its carry (on the device) and rows. Where XLA refuses the
+    solver's compiler options (``engine.options_rejected``), the programs are made again
+    without them."""
+    for _ in range(2):
+        start_program = programs()[0]
+        try:
+            with _ONE_AT_A_TIME:
+                flat, packed = start_program(
+                    vectors=vectors, scalars=scalars, leaves=leaves, k=np.int32(k), **statics
+                )
+                return flat, engine.fetch(packed)
+        except jax.errors.JaxRuntimeError as e:
+            if not engine.options_rejected(e):
+                raise
+            programs.cache_clear()
+    raise AssertionError("unreachable: the programs without options were refused")
 
 
 def _next_trials(chunk_s: float, k: int, most: int) -> int:
