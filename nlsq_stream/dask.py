@@ -38,10 +38,12 @@ import time
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+import anyio
+import anyio.to_thread
 import jax
 import numpy as np
 
@@ -53,7 +55,7 @@ from .sinks import default_display
 from .solver import batch as solver_batch
 from .solver.curve_fit_batch import prepare_curve_fit_batch
 from .stream.batch import PROGRESS_INTERVAL, new_batch_id
-from .stream.hub import HUB, Batch
+from .stream.hub import HUB, Batch, Policy, Subscription
 from .stream.pipeline import check_sinks, describe, publish_end, with_display
 from .stream.runner import SinkRunner
 
@@ -608,6 +610,54 @@ class BlockJob:
         with contextlib.suppress(CancelledError):
             self.result()
 
+    @contextlib.asynccontextmanager
+    async def events(self, policy: Policy = "lossless") -> AsyncIterator[AsyncIterator[Event]]:
+        """Follow the job's events in this event loop (asyncio or trio), as ``fit_stream``
+        does: its ``BatchStarted``, its ``BatchProgress`` over every block, then
+        ``BatchFinished`` (or ``FitFailed``). Meanwhile ``result()`` is awaited in a worker
+        thread; leaving the block before the end stops the job (its running fits end with
+        status -2) and waits for it. Afterwards ``result()`` returns at once.
+
+        The job must be watched: ``submit_blocks(..., sinks=[])`` (or any sinks, or
+        ``verbose``).
+
+        :raises ValueError: the job is not watched.
+        :raises RuntimeError: the job already ended (its events were published).
+        """
+        if self._watch is None:
+            raise ValueError(
+                "`events()` needs a watched job: pass `sinks` (a list, [] for none) or "
+                "`verbose` to submit_blocks"
+            )
+        if self._fit is not None or self._error is not None:
+            raise RuntimeError(f"fit_blocks job {self.batch_id} already ended")
+        sub = HUB.subscribe(Subscription(self.batch_id, policy))
+        started = self._watch.started
+
+        async def follow() -> AsyncGenerator[Event, None]:
+            yield started  # published when the job started, before this subscription
+            async for event in sub:
+                yield event
+
+        stream = follow()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, self._end_quietly)
+                try:
+                    yield stream
+                finally:
+                    if not self.done():
+                        self.stop()
+        finally:
+            HUB.unsubscribe(sub)
+            sub.close()
+            await stream.aclose()
+
+    def _end_quietly(self) -> None:
+        """Wait for the job's end (its error, if any, is kept for ``result()``)."""
+        with contextlib.suppress(Exception):
+            self.result()
+
     def _wait(self) -> tuple[Any, np.ndarray]:
         """The packed answers and the statuses, once every block ended; a ``stop_fit`` of the
         job's id while waiting stops it, and Ctrl-C cancels it."""
@@ -694,7 +744,7 @@ def submit_blocks(
     _check_options(f, int(Y.shape[-1]), shared, p, options)
     width = 2 * p + p * p + 1
     job = new_batch_id()
-    watched = bool(watchers or verbose)
+    watched = sinks is not None or bool(verbose)
     packed = da.map_blocks(
         _fit_block,
         Y,

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 
+import anyio
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -466,3 +467,66 @@ def test_the_tally_counts_a_retried_block_once():
     tally._fold(done(1, "c1", 10))
     p = tally.progress(time.time())
     assert (p.n_converged, p.n_failed, p.n_running) == (19, 1, 0) and tally.all_done.is_set()
+
+
+@pytest.mark.anyio
+async def test_async_iteration_over_a_job_in_process():
+    """``job.events()``, as ``fit_stream``: the whole job's events in this loop (asyncio, trio),
+    then ``result()`` at once, equal to one ``curve_fit_batch``."""
+    y = data((6, 40), seed=21)
+    job = nd.submit_blocks(decay, X, da.from_array(y, chunks=(2, 40, 30)), P0, sinks=[])
+    async with job.events() as events:
+        got = [event async for event in events]
+    check_log(got, 240, 3, int(reference(y).success.sum()))
+    res = job.result()
+    np.testing.assert_array_equal(
+        res.popt.compute(scheduler="sync").reshape(-1, 3), reference(y).popt
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(300)
+async def test_leaving_the_events_block_early_stops_the_job():
+    job = nd.submit_blocks(decay, X, long_job(40_000, 20_000), P0, trials=1, sinks=[])
+    async with job.events() as events:
+        async for event in events:
+            if isinstance(event, BatchProgress) and event.n_converged >= 500:
+                break
+    assert job.done()
+    status = job.result().status.compute(scheduler="sync")
+    assert (status == -2).sum() > 20_000, "leaving the block did not stop the job"
+    assert ((status == -2) | (status > 0)).all()
+
+
+def test_events_need_a_watched_job_that_has_not_ended():
+    y = da.from_array(data((4,), seed=22), chunks=(2, 30))
+    job = nd.submit_blocks(decay, X, y, P0)
+    with pytest.raises(ValueError, match="`events\\(\\)` needs a watched job"):
+        anyio.run(_enter_events, job)
+    job.result()
+    watched = nd.submit_blocks(decay, X, y, P0, sinks=[])
+    watched.result()
+    with pytest.raises(RuntimeError, match="already ended"):
+        anyio.run(_enter_events, watched)
+
+
+async def _enter_events(job) -> None:
+    async with job.events():
+        pass
+
+
+@pytest.mark.timeout(300)
+def test_async_iteration_over_a_job_on_the_cluster(cluster):
+    _, client = cluster
+    y = data((8, 50), seed=23)
+
+    async def follow():
+        job = nd.submit_blocks(
+            decay, X, da.from_array(y, chunks=(2, 50, 30)), P0, client=client, sinks=[]
+        )
+        async with job.events() as events:
+            return job, [event async for event in events]
+
+    job, got = anyio.run(follow)
+    check_log(got, 400, 4, int(reference(y).success.sum()))
+    np.testing.assert_array_equal(job.result().popt.compute().reshape(-1, 3), reference(y).popt)
