@@ -530,3 +530,24 @@ def test_async_iteration_over_a_job_on_the_cluster(cluster):
     job, got = anyio.run(follow)
     check_log(got, 400, 4, int(reference(y).success.sum()))
     np.testing.assert_array_equal(job.result().popt.compute().reshape(-1, 3), reference(y).popt)
+
+
+@pytest.mark.timeout(300)
+def test_the_notebook_widget_watches_and_stops_a_job():
+    """The widget takes a job's events like a batch's (counts over every block), and its Stop
+    (``FitWidget.stop``, what the button calls) stops the job."""
+    widget = pytest.importorskip("nlsq_stream.notebook")
+    y = data((6, 40), seed=24)
+    w = widget.FitWidget(auto_display=False, max_rate=1e9)
+    res = nd.fit_blocks(decay, X, da.from_array(y, chunks=(2, 40, 30)), P0, sinks=[w])
+    converged = int((res.status.compute(scheduler="sync") > 0).sum())
+    assert (w.view, w.n_fits, w.n_converged, w.n_running) == ("batch", 240, converged, 0)
+    assert w.status == "converged" and w.counts and sum(w.counts.values()) == 240
+
+    w = widget.FitWidget(auto_display=False, max_rate=1e9)
+    job = nd.submit_blocks(decay, X, long_job(40_000, 20_000), P0, trials=1, sinks=[w])
+    wait_for(lambda: w.n_converged >= 500, 120, "the widget's first 500 converged fits")
+    assert w.stop(job.batch_id)
+    status = job.result().status.compute(scheduler="sync")
+    assert (status == -2).sum() > 20_000
+    assert (w.status, w.n_stopped) == ("stopped", int((status == -2).sum()))
