@@ -347,9 +347,10 @@ def test_a_failing_inline_sink_of_a_batch_is_detached_and_warned_once():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = ns.curve_fit_batch(gauss, X, y, p0=P0, trials=2, sinks=[bad, ConsoleSink(out)])
-    sink_warnings = [str(w.message) for w in caught if issubclass(w.category, ns.SinkError)]
-    assert len(sink_warnings) == 1
-    assert sink_warnings[0].startswith("sink Failing raised OSError: disk full; it was detached")
+    sink_warnings = [w for w in caught if issubclass(w.category, ns.SinkError)]
+    assert len(sink_warnings) == 1 and sink_warnings[0].filename == __file__  # at the caller
+    message = str(sink_warnings[0].message)
+    assert message.startswith("sink Failing raised OSError: disk full; it was detached")
     assert bad.calls == 1 and bad.closed == 1
     assert res.success.all() and "Batch finished: 80/80 converged" in out.getvalue()
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .._exceptions import SinkError
 from .._result import BatchResult, OptimizeResult
 from ..events import (
     QUANTILES,
@@ -44,11 +42,13 @@ from .pipeline import (
     InlineChannel,
     _ctrl_c_stops,
     _live,
+    close_watch,
     describe,
     hub_channel,
     is_inline,
     model_name,
     publish_end,
+    warn_sink_errors,
     with_display,
 )
 from .runner import SinkRunner
@@ -200,15 +200,8 @@ def run_batch_sync(
         for runner in runners:
             runner.wait()
     finally:
-        if isinstance(channel, InlineChannel):
-            channel.close()  # a no-op after the terminal event
-        for runner in runners:
-            runner.__exit__(None, None, None)
-    errors = [failure for runner in runners for failure in runner.errors]
-    if isinstance(channel, InlineChannel):
-        errors += channel.errors
-    for failure in errors:
-        warnings.warn(failure, SinkError, stacklevel=3)
+        close_watch(channel, runners)
+    warn_sink_errors(channel, runners)
     if error is not None:
         raise error
     if channel.keyboard_interrupt is not None:

@@ -366,15 +366,8 @@ def run_sync(
         for runner in runners:
             runner.wait()
     finally:
-        if isinstance(channel, InlineChannel):
-            channel.close()  # a no-op after the terminal event
-        for runner in runners:
-            runner.__exit__(None, None, None)
-    errors = [failure for runner in runners for failure in runner.errors]
-    if isinstance(channel, InlineChannel):
-        errors += channel.errors
-    for failure in errors:
-        warnings.warn(failure, SinkError, stacklevel=3)
+        close_watch(channel, runners)
+    errors = warn_sink_errors(channel, runners)
     if error is not None:
         raise error  # the fit's, or the watchers' setup's
     if channel.keyboard_interrupt is not None:  # the fit stopped and the sinks have drained
@@ -382,6 +375,26 @@ def run_sync(
     assert res is not None
     res["sink_errors"] = errors
     return res
+
+
+def close_watch(channel: HubChannel, runners: Sequence[SinkRunner]) -> None:
+    """The end of a sync face's watch: an inline channel closes its sinks (a no-op after the
+    terminal event), the sink runners are left."""
+    if isinstance(channel, InlineChannel):
+        channel.close()
+    for runner in runners:
+        runner.__exit__(None, None, None)
+
+
+def warn_sink_errors(channel: HubChannel, runners: Sequence[SinkRunner]) -> list[str]:
+    """Every sink failure of a sync face's watch, each issued as one ``SinkError`` warning that
+    points at the face's caller; returned for the result."""
+    errors = [failure for runner in runners for failure in runner.errors]
+    if isinstance(channel, InlineChannel):
+        errors += channel.errors
+    for failure in errors:
+        warnings.warn(failure, SinkError, stacklevel=4)
+    return errors
 
 
 def check_sinks(sinks: Sequence[Any] | None) -> list[Any]:
