@@ -98,10 +98,12 @@ _LOCK = threading.Lock()
 _RUNNING: dict[str, list[threading.Event]] = {}
 _STOPPED: set[str] = set()
 
-# One block's fits at a time in a process: two threads running the solver's programs at once
-# deadlock in XLA:CPU here (jax 0.10.2: both wait forever in their first fetch, even for 400
-# fits, warm or not), and one program already uses every core. Blocks of a process (the threads
-# of the in-process pool, or a worker's threads) overlap only their loading and packing.
+# One block's fits at a time in a process: one batch program already uses every core, and a
+# block holds its piece's data and state on the device only while it runs, so a worker's memory
+# is one block's whatever its thread count. (Batch programs of two threads at once also hang in
+# XLA:CPU, jax 0.10.2: the solver guards that itself, one chunk at a time, see
+# ``solver.batch._ONE_AT_A_TIME``.) Blocks of a process (the threads of the in-process pool, or a
+# worker's threads) overlap only their loading and packing.
 _EXCLUSIVE = threading.Lock()
 
 # The models met in this process, by a digest of their pickle. Each task brings its own copy of
