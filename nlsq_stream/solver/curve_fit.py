@@ -285,6 +285,30 @@ def prepare_curve_fit(
     if plan is not None:
         _PLANS.move_to_end(key)
         return plan.prepare(xdata, ydata, p0, check_finite)
+    prep = _prepare_in_full(
+        f, xdata, ydata, p0, sigma, absolute_sigma, check_finite, bounds, method, jac, kwargs
+    )
+    if key is not None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.popitem(last=False)
+        _PLANS[key] = _Plan(prep)
+    return prep
+
+
+def _prepare_in_full(
+    f: Callable[..., Any],
+    xdata: Any,
+    ydata: Any,
+    p0: Any,
+    sigma: Any,
+    absolute_sigma: bool,
+    check_finite: bool,
+    bounds: Any,
+    method: str | None,
+    jac: Any,
+    kwargs: dict[str, Any],
+) -> PreparedFit:
+    """Every check of ``prepare_curve_fit``, and the fit they give."""
     validate.check_callable("f", f)
     jac = validate.check_jac(jac)
     kwargs = _least_squares_kwargs(kwargs)
@@ -317,7 +341,7 @@ def prepare_curve_fit(
         res["pcov_warning"] = warn
 
     xs = options.pop("x_scale")
-    prep = PreparedFit(
+    return PreparedFit(
         problem=problem,
         config_kw=dict(
             method=method,
@@ -337,11 +361,6 @@ def prepare_curve_fit(
         finalize=finalize,
         **options,
     )
-    if key is not None and p0 is not None and transform is None:
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.popitem(last=False)
-        _PLANS[key] = _Plan(prep, dtype)
-    return prep
 
 
 class _Plan:
@@ -354,11 +373,11 @@ class _Plan:
 
     __slots__ = ("dtype", "template")
 
-    def __init__(self, template: PreparedFit, dtype: np.dtype[Any]) -> None:
+    def __init__(self, template: PreparedFit) -> None:
         for arr in (template.lb, template.ub, template.x_scale):
             arr.flags.writeable = False
         self.template = template
-        self.dtype = dtype
+        self.dtype = template.x0.dtype
 
     def prepare(
         self, xdata: np.ndarray, ydata: np.ndarray, p0: Any, check_finite: bool
@@ -436,7 +455,7 @@ def _plan_key(
         bool(absolute_sigma),
         bool(check_finite),
         tuple(sorted(kwargs.items())),
-        bool(jax.config.jax_enable_x64),
+        jax.dtypes.canonicalize_dtype(np.float64),  # x64 on or off, as float_dtype reads it
     )
     try:
         hash(key)
