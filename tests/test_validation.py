@@ -275,3 +275,69 @@ def test_default_bounds_are_shared_read_only_arrays():
     assert lb.tolist() == [-np.inf] * 3 and ub.tolist() == [np.inf] * 3
     with pytest.raises(ValueError, match="read-only"):
         lb[0] = 0.0
+
+
+# --- planned calls: a second call of the same kind checks its values as the first did --------
+
+
+def _planned(x=X, y=Y, p0=P0, **kwargs):
+    """Fit once with valid values, so that calls of this kind have a plan (``_PLANS``)."""
+    from nlsq_stream.solver.curve_fit import _PLANS
+
+    curve_fit(model, x, y, p0=p0, **kwargs)
+    assert any(key[0] is model for key in _PLANS)
+
+
+@pytest.mark.parametrize(
+    ("which", "match"),
+    [
+        ("ydata", r"`ydata` must not contain NaN or inf"),
+        ("xdata", r"`xdata` must not contain NaN or inf"),
+        ("p0", r"`p0` must be finite"),
+    ],
+)
+def test_a_planned_call_still_checks_every_value(which, match):
+    _planned(check_finite=True)
+    x, y, p0 = X.copy(), Y.copy(), np.array(P0)
+    {"xdata": x, "ydata": y, "p0": p0}[which][1] = np.inf
+    with rejected(ValueError, match):
+        curve_fit(model, x, y, p0=p0 if which == "p0" else P0, check_finite=True)
+
+
+def test_a_planned_call_still_checks_p0_against_the_bounds():
+    _planned(p0=[1.0, 1.0, 0.5], bounds=(0.0, 10.0))
+    with rejected(ValueError, r"`p0` is outside the bounds: p0\[2\] = -1.0"):
+        curve_fit(model, X, Y, p0=[1.0, 1.0, -1.0], bounds=(0.0, 10.0))
+
+
+def test_a_plan_serves_only_calls_of_its_kind():
+    """Other shapes, keywords or argument types go through every check again."""
+    _planned()
+    with rejected(ValueError, r"`p0` has 2 values but the model"):
+        curve_fit(model, X, Y, p0=[1.0, 1.0])
+    with rejected(ValueError, r"`xdata` and `ydata` have different lengths"):
+        curve_fit(model, X[:-1], Y, p0=P0)
+    with rejected(ValueError, r"At least one of `ftol`, `xtol`, `gtol` must be positive"):
+        curve_fit(model, X, Y, p0=P0, ftol=0.0, xtol=0.0, gtol=0.0)
+    with rejected(TypeError, r"`ydata` must hold real numbers"):
+        curve_fit(model, X, Y.astype(complex), p0=P0)
+
+
+def test_a_plan_changes_no_answer():
+    """Fits of new data through a plan equal the same fits checked in full, bit for bit, and
+    ``full_output`` on one call does not leak into the next."""
+    from nlsq_stream.solver.curve_fit import _PLANS
+
+    rng = np.random.default_rng(7)
+    sets = [Y + 0.01 * rng.standard_normal(M) for _ in range(3)]
+    unplanned = []
+    for y in sets:
+        _PLANS.clear()
+        unplanned.append(curve_fit(model, X, y, p0=P0, full_output=True))
+    _PLANS.clear()
+    for i, y in enumerate(sets):
+        popt, pcov = curve_fit(model, X, y, p0=P0)
+        assert np.array_equal(popt, unplanned[i][0]) and np.array_equal(pcov, unplanned[i][1])
+        full = curve_fit(model, X, y, p0=P0, full_output=True)
+        assert len(full) == 5 and np.array_equal(full[2]["fvec"], unplanned[i][2]["fvec"])
+    assert sum(key[0] is model for key in _PLANS) == 1  # one plan served every call

@@ -610,7 +610,36 @@ def _run(
     def body(st: State) -> State:
         return _commit(config, loop, st, step(problem, config, loop, data, st))
 
-    return lax.while_loop(cond, body, state)
+    # The loop carries the state as one vector (and the emitter's records beside it): XLA then
+    # computes the next state in a few fused kernels instead of one per field (each kernel is a
+    # separate step of XLA:CPU's runtime, at a fixed cost that dominated small fits).
+    flat, unravel = jax.flatten_util.ravel_pytree(state._replace(emit=None))
+
+    def flat_cond(carry: tuple[Array, Any]) -> Array:
+        return cond(unravel(carry[0])._replace(emit=carry[1]))
+
+    def flat_body(carry: tuple[Array, Any]) -> tuple[Array, Any]:
+        st = body(unravel(carry[0])._replace(emit=carry[1]))
+        return _pack_state(st._replace(emit=None), flat.dtype), st.emit
+
+    flat, emit = lax.while_loop(flat_cond, flat_body, (flat, state.emit))
+    return unravel(flat)._replace(emit=emit)
+
+
+def _pack_state(tree: Any, dtype: Any) -> Array:
+    """``ravel_pytree(tree)[0]``, built by selecting among zero-padded pieces: elementwise work
+    that XLA fuses into one kernel with the computations of the pieces (a concatenate of many
+    operands is a kernel of its own, and so is each of its operands)."""
+    leaves = [jnp.ravel(leaf).astype(dtype) for leaf in jax.tree_util.tree_leaves(tree)]
+    total = sum(leaf.shape[0] for leaf in leaves)
+    index = np.arange(total)
+    out = jnp.zeros((total,), dtype)
+    at = 0
+    for leaf in leaves:
+        k = leaf.shape[0]
+        out = jnp.where((index >= at) & (index < at + k), jnp.pad(leaf, (at, total - at - k)), out)
+        at += k
+    return out
 
 
 def _commit(config: Config, loop: Loop, st: State, t: Trial) -> State:

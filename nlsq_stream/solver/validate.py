@@ -231,8 +231,8 @@ def check_in_bounds(name: str, x0: np.ndarray, lb: np.ndarray, ub: np.ndarray) -
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"`{name}` is outside the bounds: {name}[{i}] = {x0[i]!r} is not in "
-            f"[{lb[i]!r}, {ub[i]!r}]"
+            f"`{name}` is outside the bounds: {name}[{i}] = {float(x0[i])!r} is not in "
+            f"[{float(lb[i])!r}, {float(ub[i])!r}]"
         )
 
 
