@@ -68,7 +68,7 @@ def _one_fit(
     k: Array,
 ) -> tuple[Array, Array]:
     """One fit's chunk, traced (the programs vmap it): (flat state, packed results)."""
-    st = engine._run(problem, config, vectors, scalars, data, (carry, k))
+    st = engine._run(problem, config, vectors, scalars, data, (carry, k), flat_state=False)
     m = jax.eval_shape(lambda x: problem.residual(x, data), vectors[0]).shape[0]
     return engine._flatten(st), engine._pack(st, m)
 
