@@ -341,3 +341,16 @@ def test_a_plan_changes_no_answer():
         full = curve_fit(model, X, y, p0=P0, full_output=True)
         assert len(full) == 5 and np.array_equal(full[2]["fvec"], unplanned[i][2]["fvec"])
     assert sum(key[0] is model for key in _PLANS) == 1  # one plan served every call
+
+
+def test_a_plan_keeps_no_data_alive():
+    import gc
+    import weakref
+
+    y = Y + 0.0
+    ref = weakref.ref(y)
+    curve_fit(model, X, y, p0=P0)
+    curve_fit(model, X, y + 0.0, p0=P0)  # a planned call
+    del y
+    gc.collect()
+    assert ref() is None

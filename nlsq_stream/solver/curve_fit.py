@@ -8,6 +8,7 @@ it and returns scipy's tuple.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
@@ -283,7 +284,8 @@ def prepare_curve_fit(
     )
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
-        _PLANS.move_to_end(key)
+        with contextlib.suppress(KeyError):  # another thread's call may have dropped it
+            _PLANS.move_to_end(key)
         return plan.prepare(xdata, ydata, p0, check_finite)
     prep = _prepare_in_full(
         f, xdata, ydata, p0, sigma, absolute_sigma, check_finite, bounds, method, jac, kwargs
@@ -373,11 +375,12 @@ class _Plan:
 
     __slots__ = ("dtype", "template")
 
-    def __init__(self, template: PreparedFit) -> None:
-        for arr in (template.lb, template.ub, template.x_scale):
+    def __init__(self, prep: PreparedFit) -> None:
+        for arr in (prep.lb, prep.ub, prep.x_scale):
             arr.flags.writeable = False
-        self.template = template
-        self.dtype = template.x0.dtype
+        # Not the data: a plan must not keep the caller's arrays alive.
+        self.template = dataclasses.replace(prep, data=None)
+        self.dtype = prep.x0.dtype
 
     def prepare(
         self, xdata: np.ndarray, ydata: np.ndarray, p0: Any, check_finite: bool
