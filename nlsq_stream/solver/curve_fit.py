@@ -386,13 +386,8 @@ class _Plan:
         self, xdata: np.ndarray, ydata: np.ndarray, p0: Any, check_finite: bool
     ) -> PreparedFit:
         t, dtype = self.template, self.dtype
-        y = ydata.astype(dtype, copy=False)
-        x = xdata.astype(dtype, copy=False)
-        if check_finite:
-            if not validate.all_finite(y):
-                raise _not_finite("ydata")
-            if not validate.all_finite(x):
-                raise _not_finite("xdata")
+        y = _as_data_array("ydata", ydata, dtype, check_finite)
+        x = _as_data_array("xdata", xdata, dtype, check_finite)
         p0a = validate.check_x0("p0", p0, dtype)
         if t.config_kw["has_bounds"]:
             validate.check_in_bounds("p0", p0a, t.lb, t.ub)
