@@ -668,9 +668,14 @@ class BlockJob:
                 if self._stop_flag.is_set() and not self._stop_sent:
                     self.stop()
                 if self._client is not None:
-                    with contextlib.suppress(TimeoutError):
-                        status = self._status.result(timeout=POLL_S)  # raises a block's error
+                    # Polled by ``done()`` (local state), then fetched without a timeout:
+                    # ``Future.result(timeout=...)`` can lose its answer in distributed's
+                    # ``sync`` when the timeout and the result race (UnboundLocalError, seen
+                    # once in a CI run of test_cluster_equals_in_process_and_reports_errors).
+                    if self._status.done():
+                        status = self._status.result()  # raises a block's error
                         return self._packed, np.asarray(status)
+                    time.sleep(POLL_S)
                 else:
                     assert self._thread is not None
                     self._thread.join(POLL_S)
