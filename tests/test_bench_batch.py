@@ -7,6 +7,7 @@ promises (both dtypes, the table, the loops' sample, the peak RSS, the targets).
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ def test_bench_batch_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "LOOP_SAMPLE", 20)
     monkeypatch.setattr(bench, "LOOP_ROUNDS", 2)
     monkeypatch.setattr(bench, "optimistix_fit", lambda dtype: (None, "left out in this test"))
+    monkeypatch.setattr(bench, "TARGET_N", 40)  # the per-trial line and targets, at a tiny N
     out = io.StringIO()
     bench.bench_batch(BenchOptions(quick=True, repeats=1, sizes=(20, 40), out=out))
     text = out.getvalue()
@@ -47,4 +49,10 @@ def test_bench_batch_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
         "growth needs two sizes >= 1e3",
     ):
         assert expected in text, text
+    # Where a trial's time goes: ours per trial, the two LAPACK calls alone, the 30x budget.
+    trial_lines = [line for line in text.splitlines() if "us per fit and trial" in line]
+    assert len(trial_lines) == 2, text  # one per dtype
+    for line in trial_lines:
+        numbers = [float(v) for v in re.findall(r"(\d+\.\d+) us", line)]
+        assert len(numbers) == 4 and all(v > 0 for v in numbers), line
     assert text.count("100.0% success") == 4, text

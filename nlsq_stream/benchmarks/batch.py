@@ -190,6 +190,7 @@ def _batch_size_row(
     row = _ours_first(model, x, y, p0)
     res = row.pop("res")
     row["success"] = float(np.mean(res.success))
+    row["trials"] = float(np.mean(res.nfev)) - 1.0  # a trial is one evaluation after the first
     fns: list[Callable[[], Any]] = [lambda: curve_fit_batch(model, x, y, p0)]
     if optx_run is not None and n <= OPTX_MAX_N:
         got: list[Any] = []
@@ -209,6 +210,47 @@ def _batch_size_row(
     if len(times) > 1:
         row.update(optx=statistics.median(times[1]), optx_times=times[1])
     return row
+
+
+def _lapack_per_trial(n: int, dtype: Any) -> tuple[float, float]:
+    """Seconds per fit of the two LAPACK calls an lm trial of the batch makes, each timed alone
+    on the batch's shapes (vmapped as the batch runs them): the thin QR of ``[J f]`` (100 x 5,
+    ``engine.thin_r``) and the SVD of the scaled 4 x 4 factor (``engine._lm_step``)."""
+    rng = np.random.default_rng(SEED)
+    k = len(GAUSS_P0)
+    with jax.enable_x64(np.dtype(dtype) == np.float64):
+        at = jnp.asarray(rng.standard_normal((n, POINTS, k + 1)), dtype)
+        r = jnp.asarray(np.triu(rng.standard_normal((n, k, k))), dtype)
+        qr = jax.jit(jax.vmap(lambda a: jnp.linalg.qr(a, mode="r")))
+        svd = jax.jit(jax.vmap(lambda a: jnp.linalg.svd(a, full_matrices=False)))
+        fns = [lambda: jax.block_until_ready(qr(at)), lambda: jax.block_until_ready(svd(r))]
+        warm_up(fns)
+        times = interleaved(fns, 5, settle=0.05)
+    return statistics.median(times[0]) / n, statistics.median(times[1]) / n
+
+
+def _say_trial_budget(
+    opts: BenchOptions, rows: dict[int, dict[str, Any]], loops: dict[str, Any], dtype: Any
+) -> None:
+    """A batch fit's time per trial at N=1e4, the LAPACK calls each trial makes, and what the
+    30x target allows per trial. A batch must use the kernels a fit done alone uses (every fit
+    matches its lone fit to rtol 1e-8, and a fit that ends on ftol ends wherever rounding takes
+    it), so these calls bound the batch from below."""
+    if TARGET_N not in rows or "scipy" not in loops:
+        return
+    row = rows[TARGET_N]
+    trials = max(row["trials"], 1.0)
+    per_trial = row["ours"] / TARGET_N / trials
+    budget = 1.0 / (TARGET_VS_SCIPY * loops["scipy"]) / trials
+    qr, svd = _lapack_per_trial(TARGET_N, dtype)
+    _say(
+        opts,
+        f"   N={_size(TARGET_N)}: {per_trial * 1e6:.2f} us per fit and trial ({trials:.1f} "
+        f"trials a fit); the trial's two LAPACK calls alone, at the batch's shapes: QR of "
+        f"[J f] {qr * 1e6:.2f} us, SVD {svd * 1e6:.2f} us; {TARGET_VS_SCIPY:.0f}x the scipy "
+        f"loop allows {budget * 1e6:.2f} us per trial ({(qr + svd) / budget:.1f}x less than "
+        "those two calls)",
+    )
 
 
 def _loops(dtype: Any, model: Any, scipy_fit: Any) -> dict[str, Any]:
@@ -354,6 +396,7 @@ def _bench_dtype(opts: BenchOptions, dtype: Any, sizes: tuple[int, ...], scipy_f
     if optx_run is not None and any(n > OPTX_MAX_N for n in sizes):
         _say(opts, f"   (optimistix is not run above N={_size(OPTX_MAX_N)}: time budget)")
     _say(opts, f"   peak RSS after N={_size(sizes[-1])} ({label}): {_peak_rss_mib():,.0f} MiB")
+    _say_trial_budget(opts, rows, loops, dtype)
     _say_targets(opts, rows, loops, label)
 
 
