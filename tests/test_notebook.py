@@ -594,6 +594,38 @@ def test_verbose_in_a_notebook_shows_the_widget(monkeypatch):
     assert isinstance(display, FitWidget)
     given = FitWidget(auto_display=False)
     assert with_display([given], 2, default_display) == [given]  # not a second one
+    assert default_display.kind() is FitWidget
+
+
+def test_a_display_of_a_kind_already_given_is_not_made(monkeypatch):
+    """A face compares kinds before it makes the default display: a widget made only to be
+    compared would open a model in the notebook's front end."""
+    from nlsq_stream.stream.pipeline import with_display
+
+    made = []
+
+    class Counting:
+        def kind(self):
+            return ConsoleSink
+
+        def __call__(self):
+            made.append(ConsoleSink())
+            return made[-1]
+
+    given = ConsoleSink()
+    assert with_display([given], 2, Counting()) == [given]
+    assert made == []
+    assert with_display([], 0, Counting()) == [] and made == []
+    (shown,) = with_display([], 2, Counting())
+    assert made == [shown]
+    # A plain callable (no kind) still works: it is made, compared and dropped.
+    assert with_display([given], 2, ConsoleSink) == [given]
+    monkeypatch.setitem(sys.modules, "IPython", fake_ipython())
+    widget = FitWidget(auto_display=False)
+    made_widgets = []
+    monkeypatch.setattr(FitWidget, "__init__", lambda self, *a, **k: made_widgets.append(1))
+    assert with_display([widget], 2, default_display) == [widget]
+    assert made_widgets == []
 
 
 def test_importing_the_package_does_not_import_the_widget_stack():

@@ -3,7 +3,7 @@
 ``FitWidget`` is an anywidget (install the extra: ``pip install "nlsq_stream[notebook]"``) and a
 sink. Pass it in ``sinks=[FitWidget()]``, or let ``verbose`` pick it: inside a Jupyter kernel
 ``curve_fit(..., verbose=2)`` and ``fit_stream(..., verbose=2)`` show a ``FitWidget`` instead of
-the console table (see :func:`nlsq_stream.sinks.default_display`). It shows the iteration count
+the console table (see :data:`nlsq_stream.sinks.default_display`). It shows the iteration count
 with progress against ``max_nfev``, the cost against the iteration on a log scale (drawn by the
 widget's own ES module as SVG), the current parameters named from the model's signature, the
 elapsed time and rate, and the final status in colour (green converged, orange stopped, red

@@ -311,12 +311,20 @@ def with_display(sinks: Sequence[Any], verbose: int, display: Display | None) ->
     """``sinks`` plus, when ``verbose``, the sink ``display()`` makes (the console table, or the
     notebook widget inside Jupyter), unless a sink of that kind is already given (e.g.
     ``ConsoleSink(file=...)`` to send the table elsewhere). The face passes ``display`` in: the
-    stream stage knows no sink by name."""
+    stream stage knows no sink by name. A ``display`` with a ``kind()`` method (the class of
+    what it makes) is called only when its sink is added."""
     out = list(sinks)
-    if verbose and display is not None:
-        shown = display()
-        if not any(_kind(s) is _kind(shown) for s in out):
-            out.insert(0, shown)
+    if not verbose or display is None:
+        return out
+    kind = getattr(display, "kind", None)
+    if kind is not None:
+        wanted = kind()
+        if not any(_kind(s) is wanted for s in out):
+            out.insert(0, display())
+        return out
+    shown = display()
+    if not any(_kind(s) is _kind(shown) for s in out):
+        out.insert(0, shown)
     return out
 
 
