@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 import numpy as np
 import pytest
@@ -56,3 +57,28 @@ def test_bench_batch_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
         numbers = [float(v) for v in re.findall(r"(\d+\.\d+) us", line)]
         assert len(numbers) == 4 and all(v > 0 for v in numbers), line
     assert text.count("100.0% success") == 4, text
+
+
+def test_growth_is_timed_side_by_side_per_call_of_each_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The growth target's times: every N >= 1e3 in interleaved rounds, an N below
+    ``GROWTH_WORK`` called that many fits' worth of times and divided back. A stand-in batch that
+    takes 1 us a fit must read as linear (exponent 1) and pass."""
+    calls: list[int] = []
+
+    def fake_batch(model: object, x: np.ndarray, y: np.ndarray, p0: np.ndarray) -> None:
+        calls.append(y.shape[0])
+        time.sleep(y.shape[0] * 1e-6)
+
+    monkeypatch.setattr(bench, "curve_fit_batch", fake_batch)
+    monkeypatch.setattr(bench, "GROWTH_WORK", 8_000)
+    opts = BenchOptions(repeats=3, out=io.StringIO())
+    growth = bench._growth(opts, object(), (100, 1_000, 2_000, 8_000), np.float64)
+    assert sorted(growth) == [1_000, 2_000, 8_000]  # 1e2 is below the target's range
+    assert calls.count(1_000) == 3 * 8 and calls.count(2_000) == 3 * 4 and calls.count(8_000) == 3
+    for n, seconds in growth.items():
+        assert n * 1e-6 <= seconds < n * 1e-6 + 5e-3, (n, seconds)
+    bench._say_targets(opts, {}, {}, "float64", growth)
+    (line,) = [s for s in opts.out.getvalue().splitlines() if "grows no worse" in s]
+    slope = float(re.search(r"exponent (\d+\.\d+)", line).group(1))
+    assert 0.9 <= slope <= 1.05 and line.endswith("PASS"), line
+    assert bench._growth(opts, object(), (100, 1_000), np.float64) == {}  # one N: not measured

@@ -212,6 +212,35 @@ def _batch_size_row(
     return row
 
 
+GROWTH_ROUNDS = (3, 2)  # rounds of the side-by-side growth timing (full, --quick)
+GROWTH_WORK = 10_000  # fits per timed call of every N below it (N = 1e3: ten batches a call)
+
+
+def _growth(opts: BenchOptions, model: Any, sizes: tuple[int, ...], dtype: Any) -> dict[int, float]:
+    """Seconds a batch of each N >= 1e3 takes, timed side by side (interleaved rounds, after the
+    table's calls compiled every program), so that the growth from one N to the next is a ratio
+    measured in one stretch of time rather than two figures taken a minute apart. A call at an
+    N below ``GROWTH_WORK`` runs that many fits' worth of batches, one after the other."""
+    big = [n for n in sizes if n >= 1_000]
+    if len(big) < 2:
+        return {}
+    p0 = np.asarray(GAUSS_P0, dtype)
+    fns: list[Callable[[], Any]] = []
+    repeats: list[int] = []
+    for n in big:
+        x, y, _ = gauss_data(n, dtype)
+        k = max(1, GROWTH_WORK // n)
+
+        def call(x: np.ndarray = x, y: np.ndarray = y, k: int = k) -> None:
+            for _ in range(k):
+                curve_fit_batch(model, x, y, p0)
+
+        fns.append(call)
+        repeats.append(k)
+    times = interleaved(fns, opts.reps(*GROWTH_ROUNDS), settle=0.05)
+    return {n: statistics.median(t) / k for n, t, k in zip(big, times, repeats, strict=True)}
+
+
 def _lapack_per_trial(n: int, dtype: Any) -> tuple[float, float]:
     """Seconds per fit of the two LAPACK calls an lm trial of the batch makes, each timed alone
     on the batch's shapes (vmapped as the batch runs them): the thin QR of ``[J f]`` (100 x 5,
@@ -337,7 +366,11 @@ def _say_table(opts: BenchOptions, rows: dict[int, dict[str, Any]], loops: dict[
 
 
 def _say_targets(
-    opts: BenchOptions, rows: dict[int, dict[str, Any]], loops: dict[str, Any], label: str
+    opts: BenchOptions,
+    rows: dict[int, dict[str, Any]],
+    loops: dict[str, Any],
+    label: str,
+    growth: dict[int, float],
 ) -> None:
     """Each target with its verdict (at N=1e4, and growth from 1e3 up)."""
     if TARGET_N in rows:
@@ -357,19 +390,19 @@ def _say_targets(
                 f"   target {label} N=1e4: faster than optimistix under vmap: {ratio:.2f}x  "
                 f"{_verdict(ratio > 1.0)}",
             )
-    big = sorted(n for n in rows if n >= 1_000)
+    big = sorted(growth)
     if len(big) >= 2:
         lo, hi = big[0], big[-1]
-        slope = math.log(rows[hi]["ours"] / rows[lo]["ours"]) / math.log(hi / lo)
+        slope = math.log(growth[hi] / growth[lo]) / math.log(hi / lo)
         steps = ", ".join(
-            f"{_size(a)}->{_size(b)} x{rows[b]['ours'] / rows[a]['ours']:.1f}"
+            f"{_size(a)}->{_size(b)} x{growth[b] / growth[a]:.1f}"
             for a, b in itertools.pairwise(big)
         )
         _say(
             opts,
             f"   target {label}: time grows no worse than linearly from {_size(lo)} to "
-            f"{_size(hi)}: exponent {slope:.2f} (<= 1.05 passes; {steps})  "
-            f"{_verdict(slope <= 1.05)}",
+            f"{_size(hi)}, timed side by side: exponent {slope:.2f} (<= 1.05 passes; "
+            f"{steps})  {_verdict(slope <= 1.05)}",
         )
     else:
         _say(opts, f"   target {label}: growth needs two sizes >= 1e3; not measured")
@@ -397,7 +430,7 @@ def _bench_dtype(opts: BenchOptions, dtype: Any, sizes: tuple[int, ...], scipy_f
         _say(opts, f"   (optimistix is not run above N={_size(OPTX_MAX_N)}: time budget)")
     _say(opts, f"   peak RSS after N={_size(sizes[-1])} ({label}): {_peak_rss_mib():,.0f} MiB")
     _say_trial_budget(opts, rows, loops, dtype)
-    _say_targets(opts, rows, loops, label)
+    _say_targets(opts, rows, loops, label, _growth(opts, model, sizes, dtype))
 
 
 def bench_batch(opts: BenchOptions) -> None:
