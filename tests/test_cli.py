@@ -133,6 +133,31 @@ def test_bench_emit_quick_small() -> None:
     assert re.search(r"latency \(end max\) <= 100 ms: [0-9.]+ ms  (PASS|MISS)", out), out
 
 
+def test_bench_emit_prints_the_1e5_floor_beside_its_budget() -> None:
+    """At 1e5 the benchmark sets the floor beside the target's budget: 3 % of the table's
+    verbose=0 median, and the floor as a share of it."""
+    import io
+
+    from nlsq_stream.benchmarks import BenchOptions
+    from nlsq_stream.benchmarks.emit import bench_emit_overhead
+
+    out = io.StringIO()
+    bench_emit_overhead(BenchOptions(quick=True, repeats=3, sizes=(100_000,), out=out))
+    text = out.getvalue()
+    row = re.search(r"^ +1e5 +([0-9.]+) +[0-9.]+ +[0-9.]+x .* +([-+][0-9.]+)ms +3$", text, re.M)
+    line = re.search(
+        r"n=1e5: the floor ([-+][0-9.]+) ms against the target's budget \+([0-9.]+) ms "
+        r"\(3 % of verbose=0\): the floor is (-?[0-9]+)% of it",
+        text,
+    )
+    assert row and line, text
+    quiet, floor = float(row.group(1)), float(row.group(2))
+    assert float(line.group(1)) == floor
+    budget = float(line.group(2))
+    assert budget == pytest.approx(0.03 * quiet, abs=1e-3)
+    assert int(line.group(3)) == pytest.approx(100 * floor / budget, abs=2)
+
+
 def test_ratio_interval_brackets_the_ratio_and_widens_with_noise() -> None:
     from nlsq_stream.benchmarks.common import ratio_interval
 
