@@ -317,14 +317,10 @@ def with_display(sinks: Sequence[Any], verbose: int, display: Display | None) ->
     if not verbose or display is None:
         return out
     kind = getattr(display, "kind", None)
-    if kind is not None:
-        wanted = kind()
-        if not any(_kind(s) is wanted for s in out):
-            out.insert(0, display())
-        return out
-    shown = display()
-    if not any(_kind(s) is _kind(shown) for s in out):
-        out.insert(0, shown)
+    shown = None if kind is not None else display()
+    wanted = kind() if kind is not None else _kind(shown)
+    if not any(_kind(s) is wanted for s in out):
+        out.insert(0, shown if shown is not None else display())
     return out
 
 
